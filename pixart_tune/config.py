@@ -1,0 +1,233 @@
+"""Recipe configuration: YAML file + dotted `key=value` overrides -> one typed, validated `Config`.
+
+Every problem in a recipe is reported at once, each naming its dotted key: unknown keys come with
+the closest valid key as a suggestion, wrong types with the type that was expected. The resolved
+config is written into the run directory (`config.yaml`); training from that file reproduces the run.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """One or more problems in a recipe; `problems` holds one human-readable line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+class _Section(BaseModel):
+    # extra="forbid": a mistyped key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    base: str = Field(
+        "embedded:tiny",
+        description="Hub id, local folder in the Hub layout, or 'embedded:tiny' (built offline by the package).",
+    )
+    revision: str | None = None
+    # Storage dtype of the frozen weights (transformer base, VAE, T5) during caching and training.
+    weight_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class DataConfig(_Section):
+    path: str = "data/sample"
+    source: Literal["auto", "folder", "metadata", "hf", "webdataset"] = "auto"
+    resolution: Literal[256, 512, 1024] = 1024  # which PixArt aspect-ratio table buckets images
+    image_column: str = "image"
+    caption_column: str = "text"
+    split: str = "train"
+    trigger: str | None = None  # trigger word put in front of every caption (see caption_template)
+    caption_template: str = "{trigger}, {caption}"
+    clean_caption: bool = False  # PixArt's caption cleaning (needs bs4 + ftfy); same at cache and inference
+    max_tokens: int = Field(120, ge=1)
+    random_crop: bool = False
+    flip: bool = False
+    on_error: Literal["skip", "error"] = "skip"
+    cache_dir: str | None = None  # default: <data.path>/.pixart_tune_cache (or under output_dir for Hub data)
+    encode_batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(0, ge=0)  # image-decoding worker processes while caching
+    t5_dtype: Literal["fp32", "bf16"] = "fp32"  # never fp16: T5 overflows in fp16
+    t5_quantization: Literal["none", "8bit", "4bit"] = "none"
+
+
+class LoraConfig(_Section):
+    rank: int = Field(16, ge=1)
+    alpha: float | None = None  # None -> alpha = rank (scale 1.0), so other tools read the same strength
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: str | list[str] = "attention+ff"  # preset name or explicit module-name list
+    dora: bool = False
+    rslora: bool = False
+
+
+class TrainConfig(_Section):
+    method: Literal["lora", "full"] = "lora"
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    noise_offset: float = Field(0.0, ge=0.0)
+    snr_gamma: float | None = None
+    vlb_weight: float = Field(0.0, ge=0.0)
+    gradient_checkpointing: bool = False
+    log_every: int = Field(10, ge=1)
+
+
+class Config(_Section):
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
+
+    @field_validator("output_dir")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and error reporting
+
+
+def valid_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """All dotted keys a recipe may set, e.g. ['output_dir', 'model.base', ...]."""
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=5e-5' -> ('train.lr', 5e-05); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError("command line", [f"override {text!r} is not of the form key=value"])
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+_TYPE_WORDS = {
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping of keys",
+    "model_type": "a mapping of keys",
+    "list_type": "a list",
+}
+
+
+def _describe(err: dict) -> str:
+    # Drop pydantic's union-branch markers such as 'str' / 'list[str]' from the location.
+    key = ".".join(str(p) for p in err["loc"] if str(p) not in ("str", "list[str]", "int", "float"))
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        sections = sorted({k.split(".")[0] for k in valid_keys()})
+        close = difflib.get_close_matches(key, valid_keys() + sections, n=1, cutoff=0.5)
+        if not close:  # try matching only the last part within the same section
+            section, _, leaf = key.rpartition(".")
+            leaves = [k for k in valid_keys() if k.rpartition(".")[0] == section]
+            close = [
+                f"{section}.{m}" if section else m
+                for m in difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in leaves], n=1, cutoff=0.5)
+            ]
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown key '{key}'{hint}"
+    if kind in _TYPE_WORDS:
+        return f"'{key}' expects {_TYPE_WORDS[kind]}, got {got!r}"
+    if kind == "literal_error":
+        allowed = err.get("ctx", {}).get("expected", "")
+        return f"'{key}' must be one of {allowed}, got {got!r}"
+    return f"'{key}': {err['msg']} (got {got!r})"
+
+
+def config_from_dict(tree: dict, source: str = "recipe") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            line = _describe(err)
+            if line not in problems:
+                problems.append(line)
+        raise ConfigError(source, problems) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Read a recipe YAML (or start from defaults), apply overrides, validate.
+
+    `overrides` is either a list of 'dotted.key=value' strings (values parsed as YAML) or a dict
+    of dotted keys to values. Raises ConfigError listing every problem at once.
+    """
+    source = str(path) if path else "defaults"
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(source, [f"recipe file not found: {p}"])
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, [f"not valid YAML: {exc}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, ["the top level must be a mapping of keys"])
+        tree = loaded
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    if overrides:
+        source += " (with overrides)"
+    return config_from_dict(tree, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.dump(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
