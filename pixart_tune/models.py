@@ -1,0 +1,117 @@
+"""Loading the parts of a PixArt-alpha base model: a Hub id, a local folder in the Hub layout, or
+the embedded tiny kit. Every caller goes through `resolve_base`, so the tiny kit takes exactly
+the path real checkpoints take (`from_pretrained(<folder or id>, subfolder=...)`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .tiny import EMBEDDED_TINY, embedded_tiny_path
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+class BaseModelError(ValueError):
+    """The base model named in a recipe or on the command line cannot be used."""
+
+
+def resolve_base(base: str) -> str:
+    """Turn `model.base` into what `from_pretrained` takes: a local folder path or a Hub id."""
+    if base == EMBEDDED_TINY:
+        return str(embedded_tiny_path())
+    path = Path(base).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BaseModelError(f"model.base {base!r} is a file; it must be a folder in the Hub layout or a Hub id")
+        missing = [c for c in ("transformer",) if not (path / c).is_dir()]
+        if missing:
+            raise BaseModelError(
+                f"model.base {base!r} is a folder but has no {missing[0]}/ subfolder; expected the Hub layout "
+                "(model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            )
+        return str(path.resolve())
+    if base.count("/") == 1 and not base.startswith((".", "/", "~")):
+        return base  # a Hub id such as PixArt-alpha/PixArt-XL-2-1024-MS
+    raise BaseModelError(
+        f"model.base {base!r} is neither an existing folder nor a Hub id (owner/name) nor {EMBEDDED_TINY!r}"
+    )
+
+
+def component_identity(base: str, component: str, revision: str | None = None) -> str:
+    """A short fingerprint of one component, used in cache keys: what it is and which weights.
+
+    Local folders: the config plus the names and sizes of the weight files (hashing 19 GB of T5
+    weights on every run would cost more than the cache saves). Hub ids: id, revision and config.
+    """
+    h = hashlib.sha256(f"{component}|{revision}".encode())
+    folder = Path(base) / component
+    if folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if f.suffix == ".json":
+                h.update(f.name.encode() + f.read_bytes())
+            elif f.is_file():
+                h.update(f"{f.name}:{f.stat().st_size}".encode())
+    else:
+        from huggingface_hub import hf_hub_download
+
+        cfg = "scheduler_config.json" if component == "scheduler" else "config.json"
+        h.update(base.encode())
+        h.update(Path(hf_hub_download(base, cfg, subfolder=component, revision=revision)).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_transformer(base: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=dtype, revision=revision)
+
+
+def load_vae(base: str, dtype: torch.dtype = torch.float32, revision: str | None = None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype, revision=revision)
+
+
+def load_tokenizer(base: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base, subfolder="tokenizer", revision=revision)
+
+
+def load_text_encoder(base: str, dtype: torch.dtype = torch.float32, quantization: str = "none", revision=None):
+    """T5 encoder in eval mode (its config has dropout 0.1). Never fp16: T5 overflows there.
+
+    `quantization` '8bit' / '4bit' loads it through bitsandbytes, for cards with little memory.
+    """
+    from transformers import T5EncoderModel
+
+    if dtype == torch.float16:
+        raise BaseModelError("T5 must not run in fp16 (it overflows); use fp32 or bf16 (data.t5_dtype)")
+    kwargs = {}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if quantization == "8bit"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+        )
+    model = T5EncoderModel.from_pretrained(
+        base, subfolder="text_encoder", dtype=dtype, revision=revision, **kwargs
+    )
+    return model.eval().requires_grad_(False)
+
+
+def load_scheduler_config(base: str, revision: str | None = None) -> dict:
+    folder = Path(base) / "scheduler"
+    if folder.is_dir():
+        return json.loads((folder / "scheduler_config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(base, "scheduler_config.json", subfolder="scheduler", revision=revision)).read_text())
