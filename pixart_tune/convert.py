@@ -166,7 +166,7 @@ def load_original_checkpoint(path: str | os.PathLike, use_ema: bool = False) -> 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return _unwrap(load_file(path), use_ema=False, where=str(path))
+        return _unwrap(load_file(path), use_ema, where=str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

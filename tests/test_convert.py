@@ -145,3 +145,11 @@ def test_infer_config_presets_and_xl_heads():
         infer_config(orig, "512")  # width 48 is no multiple of PixArt-XL's head dim 72
     xl = {**orig, "x_embedder.proj.weight": torch.zeros(1152, 4, 2, 2)}
     assert infer_config(xl, "256")["num_attention_heads"] == 16
+
+
+def test_stored_pos_embed_gives_sample_size_and_interpolation_scale():
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(**{**TINY_TRANSFORMER, "sample_size": 32, "interpolation_scale": 0.5})
+    cfg = infer_config(original_sd(model), TINY_HEADS)
+    assert (cfg["sample_size"], cfg["interpolation_scale"]) == (32, 0.5)  # diffusers' default would be 1
+    assert infer_config(original_sd(tiny("512")), TINY_HEADS)["interpolation_scale"] is None  # the default fits
