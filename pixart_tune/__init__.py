@@ -13,7 +13,7 @@ _EXPORTS = {
     "Config": "config",
     "ConfigError": "config",
     "load_config": "config",
-    "train": "train",
+    "train": "trainer",
     "build_cache": "cache",
     "load_pipeline": "inference",
     "generate": "inference",

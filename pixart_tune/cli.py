@@ -9,7 +9,7 @@ from .config import ConfigError
 
 
 def _train(args) -> None:
-    from .train import train
+    from .trainer import train
 
     train(args.recipe, args.overrides)
 

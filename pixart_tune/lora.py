@@ -75,4 +75,6 @@ def add_lora(transformer: nn.Module, settings: LoraSettings, base_model: str):
     from peft import get_peft_model
 
     transformer.requires_grad_(False)
+    # peft copies the base model's `name_or_path` into the adapter config: give it ours.
+    transformer.name_or_path = base_model
     return get_peft_model(transformer, lora_config(transformer, settings, base_model))

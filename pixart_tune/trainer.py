@@ -43,12 +43,8 @@ def _batches(dataset: CachedFeatures, cfg: Config, rank: int, world_size: int):
     from .data.sampler import BucketBatchSampler
 
     sampler = BucketBatchSampler(dataset.buckets, cfg.train.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch)
-        for indices in sampler:
-            yield collate([dataset[i] for i in indices])
-        epoch += 1
+    for indices in sampler.forever():
+        yield collate([dataset[i] for i in indices])
 
 
 def _make_optimizer(params, cfg: Config):
@@ -105,7 +101,6 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     t = cfg.train
     run_dir = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
-    set_seed(cfg.seed)
     main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,10 +120,11 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     transformer = load_transformer(base, DTYPES[cfg.model.weight_dtype], cfg.model.revision)
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    set_seed(cfg.seed)  # here, right before the LoRA init draws: nothing above may shift the RNG
     if t.method == "lora":
         from .lora import add_lora
 
-        model = add_lora(transformer, cfg.lora, base_model=cfg.model.base if cfg.model.base != "embedded:tiny" else base)
+        model = add_lora(transformer, cfg.lora, base_model=base)  # the tiny kit records its folder
     else:
         model = transformer.requires_grad_(True)
     # Trainable weights are fp32 masters whatever the frozen weights' dtype; autocast does the rest.
@@ -140,13 +136,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     lr_schedule = _make_lr_schedule(optimizer, cfg)
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
 
-    objective = PixArtObjective(
-        load_scheduler_config(base, cfg.model.revision), snr_gamma=t.snr_gamma,
-        noise_offset=t.noise_offset, vlb_weight=t.vlb_weight,
-    )  # fmt: skip
-    scaling = _vae_scaling_factor(base, cfg.model.revision)
-    micro_cond = bool(getattr(transformer, "use_additional_conditions", False))
-    null = {k: v.to(accelerator.device) for k, v in dataset.null.items()}
+    step_fn = LossFn(cfg, base, transformer, dataset.null, accelerator.device)
     batches = _batches(dataset, cfg, accelerator.process_index, accelerator.num_processes)
 
     metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
@@ -158,22 +148,8 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         for micro in range(t.grad_accum):
             batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
             g = _step_generator(cfg.seed, step, accelerator.process_index, micro, accelerator.device)
-            # Re-sample the cached VAE posterior, then scale as the pipeline's decoder expects.
-            eps = torch.randn(batch["mean"].shape, generator=g, device=accelerator.device)
-            latents = (batch["mean"] + batch["std"] * eps) * scaling  # (B, 4, h, w)
-            embeds, mask = _drop_captions(batch["embeds"], batch["mask"], null, t.caption_dropout, g)
-            x_t, noise, timesteps = objective.sample(latents, generator=g)
-            cond = (
-                {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
-                if micro_cond
-                else {"resolution": None, "aspect_ratio": None}
-            )
             with accelerator.accumulate(model):
-                out = model(
-                    hidden_states=x_t.to(transformer.dtype), encoder_hidden_states=embeds.to(transformer.dtype),
-                    encoder_attention_mask=mask, timestep=timesteps, added_cond_kwargs=cond, return_dict=False,
-                )[0]  # fmt: skip
-                loss = objective.loss(out, latents, x_t, noise, timesteps).mean()
+                loss = step_fn(model, batch, g).mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.max_grad_norm:
                     accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -181,7 +157,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
                 lr_schedule.step() if accelerator.sync_gradients else None
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach().float().item() / t.grad_accum
-            samples += latents.shape[0] * accelerator.num_processes
+            samples += batch["mean"].shape[0] * accelerator.num_processes
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"loss became {step_loss} at step {step + 1}; lower train.lr or use bf16/fp32")
         lr = lr_schedule.get_last_lr()[0]
@@ -202,6 +178,42 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         print(f"wrote {what} to {final}; config {run_dir / 'config.yaml'}; metrics {run_dir / 'metrics.jsonl'}")
     accelerator.end_training()
     return final
+
+
+class LossFn:
+    """Per-sample loss of one batch of cached features: the computation every step runs.
+
+    Shared by the trainer, the evaluation helper and the benchmark, so that what is measured is
+    exactly what trains. Randomness (posterior sample, caption dropout, t, noise) comes from `g`.
+    """
+
+    def __init__(self, cfg: Config, base: str, transformer, null: dict, device, caption_dropout=None):
+        t = cfg.train
+        self.objective = PixArtObjective(
+            load_scheduler_config(base, cfg.model.revision), snr_gamma=t.snr_gamma,
+            noise_offset=t.noise_offset, vlb_weight=t.vlb_weight,
+        )  # fmt: skip
+        self.scaling = _vae_scaling_factor(base, cfg.model.revision)
+        self.micro_cond = bool(getattr(transformer, "use_additional_conditions", False))
+        self.null = {k: v.to(device) for k, v in null.items()}
+        self.caption_dropout = t.caption_dropout if caption_dropout is None else caption_dropout
+        self.dtype = transformer.dtype
+
+    def __call__(self, model, batch: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
+        # Re-sample the cached VAE posterior, then scale as the pipeline's decoder expects.
+        eps = torch.randn(batch["mean"].shape, generator=g, device=batch["mean"].device)
+        latents = (batch["mean"] + batch["std"] * eps) * self.scaling  # (B, 4, h, w)
+        embeds, mask = _drop_captions(batch["embeds"], batch["mask"], self.null, self.caption_dropout, g)
+        x_t, noise, timesteps = self.objective.sample(latents, generator=g)
+        if self.micro_cond:  # 1024-MS: the bucket's (h, w) and h/w, as the pipeline feeds at inference
+            cond = {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
+        else:
+            cond = {"resolution": None, "aspect_ratio": None}
+        out = model(
+            hidden_states=x_t.to(self.dtype), encoder_hidden_states=embeds.to(self.dtype),
+            encoder_attention_mask=mask, timestep=timesteps, added_cond_kwargs=cond, return_dict=False,
+        )[0]  # (B, 8, h, w): eps || variance interpolation
+        return self.objective.loss(out, latents, x_t, noise, timesteps)
 
 
 def _drop_captions(embeds, mask, null, p: float, g: torch.Generator):
