@@ -350,8 +350,9 @@ def load_lora(path, *, assume_alpha: float | str | None = None, module_names=Non
     elif all(al is not None for _, _, al in parts.values()):
         alphas = {m: float(al) for m, (_, _, al) in parts.items()}
     elif info["format"] == "kohya" and assume_alpha is None:  # kohya's own rule: no .alpha means alpha = rank
-        warnings.warn(f"{where}: kohya LoRA without .alpha tensors: using kohya's convention alpha = rank")
-        alphas, info["alpha_assumed"] = _missing_alpha(parts, "rank", "", where), True
+        warnings.warn(f"{where}: kohya LoRA without (some) .alpha tensors: using kohya's convention alpha = rank there")
+        alphas = {m: float(a.shape[0] if al is None else al) for m, (a, _, al) in parts.items()}
+        info["alpha_assumed"] = True
     else:
         what = {"official": "PixArt official-script (unet.base_model.model.*) file",
                 "peft": "PEFT weights file without its adapter_config.json"}.get(info["format"], f"{info['format']} LoRA file")

@@ -31,6 +31,15 @@ PATTERNS = {"rank_pattern": {"^transformer_blocks.1.ff.net.2": 2}, "alpha_patter
 BASE_ID = "PixArt-alpha/PixArt-XL-2-1024-MS"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine threads cost ~5x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def forward(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -15,6 +15,15 @@ from pixart_tune.tiny import TINY_TRANSFORMER
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "pos_embed.proj"]  # + a Conv2d
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine threads cost ~5x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def forward(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
