@@ -118,7 +118,7 @@ def original_to_diffusers(state_dict: dict, *, num_layers: int | None = None, dr
     out = {}
     for src, dsts in plan:
         # clone: chunks are views of one storage, which safetensors refuses to save
-        for dst, part in zip(dsts, sd[src].chunk(len(dsts), dim=0)):
+        for dst, part in zip(dsts, sd[src].chunk(len(dsts), dim=0), strict=True):
             out[dst] = part.clone() if len(dsts) > 1 else part
     return out
 
@@ -189,7 +189,7 @@ def _interpolation_scale(pos_embed: torch.Tensor, sample_size: int, patch: int) 
         table = get_2d_sincos_pos_embed(pos_embed.shape[-1], grid, base_size=grid, interpolation_scale=scale, output_type="pt")
         if table.numel() == pos_embed.numel() and torch.allclose(table.float().view_as(pos_embed), pos_embed.float(), atol=1e-4):
             return None if scale == default else float(scale)
-    warnings.warn("stored pos_embed matches no sin-cos table diffusers makes; using the default interpolation_scale")
+    warnings.warn("stored pos_embed matches no sin-cos table diffusers makes; using the default interpolation_scale", stacklevel=3)
     return None
 
 
@@ -297,7 +297,7 @@ def convert_diffusers_to_original(diffusers_dir, out_file, *, extra: dict | None
     if "pos_embed" not in extra:
         extra["pos_embed"] = model.pos_embed.pos_embed.to(model.dtype)  # (1, tokens, H)
     if "y_embedder.y_embedding" not in extra:
-        warnings.warn("no y_embedder.y_embedding to restore: the original code will use a random null caption")
+        warnings.warn("no y_embedder.y_embedding to restore: the original code will use a random null caption", stacklevel=2)
     sd = diffusers_to_original(model.state_dict(), extra=extra)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp")

@@ -350,7 +350,7 @@ def load_lora(path, *, assume_alpha: float | str | None = None, module_names=Non
     elif all(al is not None for _, _, al in parts.values()):
         alphas = {m: float(al) for m, (_, _, al) in parts.items()}
     elif info["format"] == "kohya" and assume_alpha is None:  # kohya's own rule: no .alpha means alpha = rank
-        warnings.warn(f"{where}: kohya LoRA without (some) .alpha tensors: using kohya's convention alpha = rank there")
+        warnings.warn(f"{where}: kohya LoRA without (some) .alpha tensors: using kohya's convention alpha = rank there", stacklevel=2)
         alphas = {m: float(a.shape[0] if al is None else al) for m, (a, _, al) in parts.items()}
         info["alpha_assumed"] = True
     else:
