@@ -72,6 +72,7 @@ class LoraConfig(_Section):
 
 class TrainConfig(_Section):
     method: Literal["lora", "full"] = "lora"
+    freeze: list[str] = []  # full fine-tune: module-name prefixes kept frozen, e.g. [pos_embed, caption_projection]
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -85,18 +86,40 @@ class TrainConfig(_Section):
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)
     noise_offset: float = Field(0.0, ge=0.0)
     snr_gamma: float | None = None
-    vlb_weight: float = Field(0.0, ge=0.0)
+    # VLB term training the learned-variance half. None = by method: 1.0 for full fine-tunes (as the
+    # official trainer, which keeps the variance head calibrated), 0.0 for LoRA (as the official LoRA
+    # script; the diffusers pipeline's DPM-Solver discards the variance channels).
+    vlb_weight: float | None = Field(None, ge=0.0)
     gradient_checkpointing: bool = False
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # EMA of the trained weights; None = off
+    ema_on_cpu: bool = False
+    compile: Literal["none", "regional", "full"] = "none"  # regional = each transformer block
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"  # SDPA kernel preference
     log_every: int = Field(10, ge=1)
+    log_with: Literal["tensorboard", "none"] = "tensorboard"
+    checkpoint_every: int | None = Field(None, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+
+
+class ValidationConfig(_Section):
+    prompts: list[str] = []  # empty = no validation images
+    seeds: list[int] = [0]
+    every: int | None = Field(None, ge=1)  # steps; None = only at the end (when prompts are given)
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = 4.5
+    height: int | None = None  # None = the model's default size (1024 for 1024-MS)
+    width: int | None = None
 
 
 class Config(_Section):
     output_dir: str = "runs/default"
     seed: int = 0
+    resume: str | None = None  # 'latest' or a checkpoint folder (output_dir/checkpoints/step-N)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     lora: LoraConfig = LoraConfig()
+    validation: ValidationConfig = ValidationConfig()
 
     @field_validator("output_dir")
     @classmethod
@@ -158,22 +181,48 @@ _TYPE_WORDS = {
 }
 
 
+# Names other trainers (diffusers scripts, kohya, peft) use for our keys: suggestions match these too.
+_ALIASES = {
+    "lr": ["learning_rate", "learningrate"],
+    "steps": ["max_train_steps", "max_steps", "num_steps", "train_steps"],
+    "batch_size": ["train_batch_size", "batchsize", "bs"],
+    "grad_accum": ["gradient_accumulation_steps", "accumulation_steps"],
+    "max_grad_norm": ["grad_clip", "clip_grad_norm", "gradient_clipping"],
+    "rank": ["r", "lora_rank", "network_dim", "dim"],
+    "alpha": ["lora_alpha", "network_alpha"],
+    "lr_scheduler": ["scheduler", "lr_schedule"],
+    "warmup_steps": ["lr_warmup_steps", "warmup"],
+    "mixed_precision": ["precision", "dtype"],
+    "snr_gamma": ["min_snr_gamma"],
+    "caption_dropout": ["proportion_empty_prompts", "caption_dropout_rate", "caption_dropout_probability"],
+    "base": ["pretrained_model_name_or_path", "model", "pretrained"],
+    "path": ["train_data_dir", "data_dir", "dataset"],
+    "output_dir": ["output", "out_dir", "run_dir"],
+}
+
+
+def suggest_key(key: str) -> str | None:
+    """The valid dotted key closest to an unknown one, by its name or a common alias of it."""
+    section, _, leaf = key.rpartition(".")
+    best, best_score = None, 0.0
+    for candidate in valid_keys() + sorted({k.split(".")[0] for k in valid_keys() if "." in k}):
+        c_section, _, c_leaf = candidate.rpartition(".")
+        names = [c_leaf, *_ALIASES.get(c_leaf, [])]
+        score = max(difflib.SequenceMatcher(None, leaf.lower(), n).ratio() for n in names)
+        score += 0.1 if c_section == section else 0.0  # prefer the section the user wrote
+        if score > best_score:
+            best, best_score = candidate, score
+    return best if best_score >= 0.6 else None
+
+
 def _describe(err: dict) -> str:
     # Drop pydantic's union-branch markers such as 'str' / 'list[str]' from the location.
     key = ".".join(str(p) for p in err["loc"] if str(p) not in ("str", "list[str]", "int", "float"))
     kind = err["type"]
     got = err.get("input")
     if kind == "extra_forbidden":
-        sections = sorted({k.split(".")[0] for k in valid_keys()})
-        close = difflib.get_close_matches(key, valid_keys() + sections, n=1, cutoff=0.5)
-        if not close:  # try matching only the last part within the same section
-            section, _, leaf = key.rpartition(".")
-            leaves = [k for k in valid_keys() if k.rpartition(".")[0] == section]
-            close = [
-                f"{section}.{m}" if section else m
-                for m in difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in leaves], n=1, cutoff=0.5)
-            ]
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = suggest_key(key)
+        hint = f"; did you mean '{close}'?" if close else ""
         return f"unknown key '{key}'{hint}"
     if kind in _TYPE_WORDS:
         return f"'{key}' expects {_TYPE_WORDS[kind]}, got {got!r}"

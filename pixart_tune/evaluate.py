@@ -14,7 +14,7 @@ from .cache import build_cache
 from .config import Config, load_config
 from .features import CachedFeatures, collate
 from .models import DTYPES, load_transformer, resolve_base
-from .trainer import LossFn
+from .trainer import LossFn, sample_generators
 
 
 @torch.no_grad()
@@ -37,7 +37,7 @@ def dataset_loss(cfg: Config | str | Path, lora: str | Path | None = None, *, se
     for i in range(len(dataset)):
         batch = {k: v.to(device) for k, v in collate([dataset[i]]).items()}
         for d in range(draws):
-            g = torch.Generator(device=device).manual_seed(seed * 100_003 + i * 101 + d)
-            total += float(loss_fn(model, batch, g).sum())
+            gens = sample_generators(seed, step=d, micro=0, first=i, count=1, device=device)
+            total += float(loss_fn(model, batch, gens).sum())
             count += 1
     return total / count

@@ -66,15 +66,16 @@ class PixArtObjective:
         """table[t] shaped (B, 1, 1, 1) to broadcast against `like`."""
         return table.to(like.device)[t].float().view(-1, 1, 1, 1)
 
-    def sample(self, latents: torch.Tensor, generator: torch.Generator | None = None):
-        """Draw t ~ U{0..T-1} and noise; return (noisy latents x_t, noise, t). latents: (B, 4, h, w)."""
-        b = latents.shape[0]
-        t = torch.randint(0, self.num_timesteps, (b,), device=latents.device, generator=generator)
-        noise = torch.randn(latents.shape, device=latents.device, generator=generator, dtype=torch.float32)
-        if self.noise_offset:
-            noise = noise + self.noise_offset * torch.randn(
-                (b, latents.shape[1], 1, 1), device=latents.device, generator=generator
-            )
+    def sample(self, latents: torch.Tensor, gens: list[torch.Generator]):
+        """Draw t ~ U{0..T-1} and noise, one generator per sample; return (x_t, noise, t).
+
+        latents: (B, 4, h, w). Per-sample generators make every draw independent of batch layout."""
+        dev, shape = latents.device, latents.shape[1:]
+        t = torch.stack([torch.randint(0, self.num_timesteps, (), generator=g, device=dev) for g in gens])
+        noise = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
+        if self.noise_offset:  # a per-channel constant shift: lets the model learn overall brightness
+            offset = torch.stack([torch.randn((shape[0], 1, 1), generator=g, device=dev) for g in gens])
+            noise = noise + self.noise_offset * offset
         acp = self._at(self.alphas_cumprod, t, latents)
         x_t = acp.sqrt() * latents.float() + (1.0 - acp).sqrt() * noise
         return x_t, noise, t

@@ -1,8 +1,9 @@
 """The training loop: cached features -> PixArt transformer (LoRA or full) -> run directory.
 
-Reads top to bottom: set up the run, build or reuse the feature cache, load the transformer,
-choose what trains, then one loop of optimizer steps. accelerate is the engine, so the same code
-runs on one process or several (`accelerate launch -m pixart_tune train RECIPE`).
+Reads top to bottom: set up the run, build or reuse the feature cache, load the transformer and
+decide once what trains, then one loop of optimizer steps with logging, validation, checkpoints and
+guards. accelerate is the engine, so the same code runs on one process or several
+(`accelerate launch -m pixart_tune train RECIPE`), with DDP or FSDP as accelerate is configured.
 """
 
 from __future__ import annotations
@@ -11,25 +12,49 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .cache import build_cache
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_rng
 from .config import Config, load_config, save_config
+from .data.sampler import BucketBatchSampler
 from .features import CachedFeatures, collate
 from .models import DTYPES, load_scheduler_config, load_transformer, resolve_base
 from .objective import PixArtObjective
+from .optim import make_lr_schedule, make_optimizer
+from .speed import apply_compile, attention_context
 
 
-def _step_generator(seed: int, step: int, rank: int, micro: int, device) -> torch.Generator:
-    """A fresh RNG per (step, rank, micro-batch): noise, timesteps and dropout depend only on these
-    numbers, so a resumed run draws exactly what an uninterrupted one would have drawn."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 1_009 + rank * 101 + micro) % (2**63))
-    return g
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: a checkpoint was saved; `resume=latest` continues."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"interrupted; checkpoint saved to {checkpoint}; continue with resume=latest")
+        self.checkpoint = checkpoint
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+def sample_generators(seed: int, step: int, micro: int, first: int, count: int, device) -> list[torch.Generator]:
+    """One RNG per sample, keyed by (seed, step, micro-batch, position in the GLOBAL batch).
+
+    Noise, timesteps, posterior samples and caption dropout depend only on these numbers, so a
+    resumed run draws what an uninterrupted one would, and 2 processes of batch B draw what 1
+    process of batch 2B draws (rank r holds global positions r*B .. r*B+B-1)."""
+    gens = []
+    for position in range(first, first + count):
+        g = torch.Generator(device=device)
+        g.manual_seed((seed * 1_000_003 + step * 10_007 + micro * 101 + position) % (2**63 - 1))
+        gens.append(g)
+    return gens
 
 
 def _vae_scaling_factor(base: str, revision=None) -> float:
@@ -38,61 +63,125 @@ def _vae_scaling_factor(base: str, revision=None) -> float:
     return float(AutoencoderKL.load_config(base, subfolder="vae", revision=revision).get("scaling_factor", 0.18215))
 
 
-def _batches(dataset: CachedFeatures, cfg: Config, rank: int, world_size: int):
-    """Endless stream of collated batches, one bucket per batch, this rank's share."""
-    from .data.sampler import BucketBatchSampler
-
-    sampler = BucketBatchSampler(dataset.buckets, cfg.train.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
-    for indices in sampler.forever():
-        yield collate([dataset[i] for i in indices])
+def vlb_weight(cfg: Config) -> float:
+    """train.vlb_weight, or its per-method default (see TrainConfig)."""
+    if cfg.train.vlb_weight is not None:
+        return cfg.train.vlb_weight
+    return 1.0 if cfg.train.method == "full" else 0.0
 
 
-def _make_optimizer(params, cfg: Config):
+class LossFn:
+    """Per-sample loss of one batch of cached features: the computation every step runs.
+
+    Shared by the trainer, the evaluation helper and the benchmark, so that what is measured is
+    exactly what trains. Randomness comes from one generator per sample (see sample_generators).
+    """
+
+    def __init__(self, cfg: Config, base: str, transformer, null: dict, device, caption_dropout=None):
+        t = cfg.train
+        self.objective = PixArtObjective(
+            load_scheduler_config(base, cfg.model.revision), snr_gamma=t.snr_gamma,
+            noise_offset=t.noise_offset, vlb_weight=vlb_weight(cfg),
+        )  # fmt: skip
+        self.scaling = _vae_scaling_factor(base, cfg.model.revision)
+        self.micro_cond = bool(getattr(transformer, "use_additional_conditions", False))
+        self.null = {k: v.to(device) for k, v in null.items()}
+        self.caption_dropout = t.caption_dropout if caption_dropout is None else caption_dropout
+        self.dtype = transformer.dtype
+        self.attention = t.attention
+
+    def __call__(self, model, batch: dict[str, torch.Tensor], gens: list[torch.Generator]) -> torch.Tensor:
+        mean, std = batch["mean"], batch["std"]  # (B, 4, h, w) cached VAE posterior
+        # Re-sample the posterior, then scale as the pipeline's decoder expects.
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g, device=mean.device) for g in gens])
+        latents = (mean + std * eps) * self.scaling
+        drop = torch.stack([torch.rand((), generator=g, device=mean.device) for g in gens]) < self.caption_dropout
+        embeds, mask = _drop_captions(batch["embeds"], batch["mask"], self.null, drop)
+        x_t, noise, timesteps = self.objective.sample(latents, gens)
+        if self.micro_cond:  # 1024-MS: the bucket's (h, w) and h/w, as the pipeline feeds at inference
+            cond = {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
+        else:
+            cond = {"resolution": None, "aspect_ratio": None}
+        with attention_context(self.attention):
+            out = model(
+                hidden_states=x_t.to(self.dtype), encoder_hidden_states=embeds.to(self.dtype),
+                encoder_attention_mask=mask, timestep=timesteps, added_cond_kwargs=cond, return_dict=False,
+            )[0]  # (B, 8, h, w): eps || variance interpolation
+        return self.objective.loss(out, latents, x_t, noise, timesteps)
+
+
+def _drop_captions(embeds, mask, null, drop: torch.Tensor):
+    """Replace the captions where `drop` is set by the cached T5("") (classifier-free guidance)."""
+    if not bool(drop.any()):
+        return embeds, mask
+    length = max(embeds.shape[1], null["embeds"].shape[0])
+    e = embeds.new_zeros((embeds.shape[0], length, embeds.shape[2]))
+    m = mask.new_zeros((mask.shape[0], length))
+    e[:, : embeds.shape[1]], m[:, : mask.shape[1]] = embeds, mask
+    n = null["embeds"].shape[0]
+    e[drop], m[drop] = 0, 0
+    e[drop, :n] = null["embeds"].to(e.dtype)
+    m[drop, :n] = null["mask"].to(m.dtype)
+    return e, m
+
+
+def prepare_model(cfg: Config, base: str):
+    """Load the transformer and decide, once, what trains. Returns (model, transformer).
+
+    LoRA: frozen base (model.weight_dtype) + peft adapter. Full: every weight trains except the
+    prefixes in train.freeze. Trainable weights are fp32 masters whatever the base dtype; autocast
+    runs the matmuls in bf16.
+    """
+    from accelerate.utils import set_seed
+
     t = cfg.train
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
+    transformer = load_transformer(base, DTYPES[cfg.model.weight_dtype], cfg.model.revision)
+    if t.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    set_seed(cfg.seed)  # here, right before the LoRA init draws: nothing above may shift the RNG
+    if t.method == "lora":
+        from .lora import add_lora
 
-        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=t.lr, weight_decay=t.weight_decay, scale_parameter=False, relative_step=False)
-    raise ValueError(f"train.optimizer {t.optimizer!r} is not available")
-
-
-def _make_lr_schedule(optimizer, cfg: Config):
-    t = cfg.train
-
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-        if t.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        if t.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        model = add_lora(transformer, cfg.lora, base_model=base)  # the tiny kit records its folder
+    else:
+        model = transformer.requires_grad_(True)
+        for name, module in model.named_modules():
+            if any(name == f or name.startswith(f + ".") for f in t.freeze):
+                module.requires_grad_(False)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model, transformer
 
 
-def _save_final(model, accelerator, run_dir: Path, method: str) -> Path:
-    """Write final/ atomically: a PEFT adapter folder (LoRA) or a diffusers transformer (full)."""
-    final, tmp = run_dir / "final", run_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+def _save_final(model, run_dir: Path, method: str, ema) -> Path:
+    """Write final/ atomically: a PEFT adapter (LoRA) or a diffusers transformer (full).
+
+    With EMA on, final/ holds the EMA weights (what the official trainer ships) and final-raw/
+    the last live weights."""
+    outputs = {"final": True} if ema is None else {"final-raw": False, "final": True}
+    for name, use_ema in outputs.items():
+        if ema is not None and use_ema:
+            ema.swap()
+        tmp = run_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+        os.replace(tmp, run_dir / name)
+        if ema is not None and use_ema:
+            ema.swap()
+    return run_dir / "final"
+
+
+def _init_trackers(accelerator, cfg: Config) -> None:
+    if cfg.train.log_with == "tensorboard":
+        flat = {f"{s}.{k}": str(v) for s, d in cfg.dump().items() if isinstance(d, dict) for k, v in d.items()}
+        accelerator.init_trackers("pixart_tune", config=flat)
 
 
 def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *, show_progress: bool = True) -> Path:
     """Train per the recipe and return the `final/` folder (PEFT adapter or full transformer)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     if not isinstance(cfg, Config):
         cfg = load_config(cfg, overrides)
@@ -100,8 +189,15 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         raise ValueError("pass overrides with a recipe path, not with a Config object")
     t = cfg.train
     run_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum)
-    main = accelerator.is_main_process
+    if t.mixed_precision == "fp16":
+        warnings.warn("fp16 trains with loss scaling but PixArt is prone to overflow in fp16; prefer bf16")
+    tensorboard = t.log_with == "tensorboard"
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+        log_with="tensorboard" if tensorboard else None, project_dir=str(run_dir / "logs") if tensorboard else None,
+    )  # fmt: skip
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -115,121 +211,114 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     if not index.records:
         raise RuntimeError(f"no usable examples in {cfg.data.path}; see {index.cache_dir / 'skipped.jsonl'}")
     dataset = CachedFeatures(index)
+    validator = None
+    if cfg.validation.prompts and main:
+        from .validation import Validator
 
-    # The model, and the one place where LoRA-vs-full is decided.
-    transformer = load_transformer(base, DTYPES[cfg.model.weight_dtype], cfg.model.revision)
-    if t.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    set_seed(cfg.seed)  # here, right before the LoRA init draws: nothing above may shift the RNG
-    if t.method == "lora":
-        from .lora import add_lora
+        validator = Validator(cfg, base, accelerator.device)
 
-        model = add_lora(transformer, cfg.lora, base_model=base)  # the tiny kit records its folder
-    else:
-        model = transformer.requires_grad_(True)
-    # Trainable weights are fp32 masters whatever the frozen weights' dtype; autocast does the rest.
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(params, cfg)
-    lr_schedule = _make_lr_schedule(optimizer, cfg)
+    model, transformer = prepare_model(cfg, base)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = make_optimizer(list(named.values()), t)
+    lr_schedule = make_lr_schedule(optimizer, t)
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
+    unwrapped = accelerator.unwrap_model(model)
+    named = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}  # after device placement
+    ema = None
+    if t.ema_decay:
+        from .ema import EMA
 
-    step_fn = LossFn(cfg, base, transformer, dataset.null, accelerator.device)
-    batches = _batches(dataset, cfg, accelerator.process_index, accelerator.num_processes)
+        ema = EMA(named, t.ema_decay, on_cpu=t.ema_on_cpu)
+    sampler = BucketBatchSampler(dataset.buckets, t.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+    start = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=unwrapped, optimizer=optimizer, scheduler=lr_schedule, ema=ema, rank=rank)
+        sampler.load_state_dict(state["sampler"])
+        start = state["step"]
+        if main:
+            print(f"resumed from {resume_from} at step {start}")
+    model = apply_compile(model, t.compile)
+    loss_fn = LossFn(cfg, base, transformer, dataset.null, accelerator.device)
+    batches = sampler.forever()
 
+    def checkpoint(step: int, loss: float) -> Path:
+        save_rng(run_dir, step, rank)
+        accelerator.wait_for_everyone()
+        path = run_dir / "checkpoints" / f"step-{step:06d}"
+        if main:
+            state = {"sampler": sampler.state_dict(), "loss": loss}
+            path = save_checkpoint(run_dir, step, model=unwrapped, optimizer=optimizer, scheduler=lr_schedule,
+                                   ema=ema, state=state, keep=t.keep_checkpoints)  # fmt: skip
+        accelerator.wait_for_everyone()
+        return path
+
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if main else None
+    _init_trackers(accelerator, cfg)
     metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
-    bar = tqdm(total=t.steps, desc="training", disable=not (show_progress and main))
+    bar = tqdm(total=t.steps, initial=start, desc="training", disable=not (show_progress and main))
     model.train()
-    started, samples = time.perf_counter(), 0
-    for step in range(t.steps):
-        step_loss = 0.0
-        for micro in range(t.grad_accum):
-            batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-            g = _step_generator(cfg.seed, step, accelerator.process_index, micro, accelerator.device)
-            with accelerator.accumulate(model):
-                loss = step_fn(model, batch, g).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                lr_schedule.step() if accelerator.sync_gradients else None
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach().float().item() / t.grad_accum
-            samples += batch["mean"].shape[0] * accelerator.num_processes
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {step + 1}; lower train.lr or use bf16/fp32")
-        lr = lr_schedule.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        if metrics and ((step + 1) % t.log_every == 0 or step == 0 or step + 1 == t.steps):
+    started, samples, step_loss = time.perf_counter(), 0, float("nan")
+    try:
+        for step in range(start, t.steps):
+            step_loss = 0.0
+            for micro in range(t.grad_accum):
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in collate(
+                    [dataset[i] for i in next(batches)]).items()}  # fmt: skip
+                size = batch["mean"].shape[0]
+                gens = sample_generators(cfg.seed, step, micro, rank * size, size, accelerator.device)
+                with accelerator.accumulate(model):
+                    loss = loss_fn(model, batch, gens).mean()
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(list(named.values()), t.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        lr_schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += float(accelerator.reduce(loss.detach(), "mean")) / t.grad_accum
+                samples += size * world
+            if not math.isfinite(step_loss):
+                raise NonFiniteLoss(
+                    f"loss became {step_loss} at step {step + 1}; the run stopped. The last good checkpoint is kept "
+                    f"under {run_dir / 'checkpoints'}; lower train.lr, set train.max_grad_norm, or use bf16/fp32"
+                )
+            if ema is not None:
+                ema.update()
+            done = step + 1
+            lr = lr_schedule.get_last_lr()[0]
             rate = samples / (time.perf_counter() - started)
-            metrics.write(json.dumps({"step": step + 1, "loss": step_loss, "lr": lr, "samples_per_s": rate}) + "\n")
-            metrics.flush()
-    bar.close()
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            if done % t.log_every == 0 or done == start + 1 or done == t.steps:
+                accelerator.log({"loss": step_loss, "lr": lr, "samples_per_s": rate}, step=done)
+                if metrics:
+                    metrics.write(json.dumps({"step": done, "loss": step_loss, "lr": lr, "samples_per_s": rate}) + "\n")
+                    metrics.flush()
+            if validator and cfg.validation.every and done % cfg.validation.every == 0 and done != t.steps:
+                validator(accelerator.unwrap_model(model), done, run_dir / "samples")
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+                checkpoint(done, step_loss)
+            if interrupted:
+                raise TrainingInterrupted(checkpoint(done, step_loss))
+    finally:
+        bar.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        if metrics:
+            metrics.close()
 
     accelerator.wait_for_everyone()
     final = run_dir / "final"
     if main:
-        final = _save_final(model, accelerator, run_dir, t.method)
-        metrics.close()
+        final = _save_final(unwrapped, run_dir, t.method, ema)
+        if validator:
+            validator(unwrapped, t.steps, run_dir / "samples")
+        elapsed = time.perf_counter() - started
         what = "LoRA adapter (PEFT)" if t.method == "lora" else "full transformer (diffusers)"
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
+        print(f"trained {t.steps - start} steps in {elapsed:.0f} s ({samples / elapsed:.1f} samples/s{peak}); "
+              f"last loss {step_loss:.4f}")  # fmt: skip
         print(f"wrote {what} to {final}; config {run_dir / 'config.yaml'}; metrics {run_dir / 'metrics.jsonl'}")
     accelerator.end_training()
     return final
-
-
-class LossFn:
-    """Per-sample loss of one batch of cached features: the computation every step runs.
-
-    Shared by the trainer, the evaluation helper and the benchmark, so that what is measured is
-    exactly what trains. Randomness (posterior sample, caption dropout, t, noise) comes from `g`.
-    """
-
-    def __init__(self, cfg: Config, base: str, transformer, null: dict, device, caption_dropout=None):
-        t = cfg.train
-        self.objective = PixArtObjective(
-            load_scheduler_config(base, cfg.model.revision), snr_gamma=t.snr_gamma,
-            noise_offset=t.noise_offset, vlb_weight=t.vlb_weight,
-        )  # fmt: skip
-        self.scaling = _vae_scaling_factor(base, cfg.model.revision)
-        self.micro_cond = bool(getattr(transformer, "use_additional_conditions", False))
-        self.null = {k: v.to(device) for k, v in null.items()}
-        self.caption_dropout = t.caption_dropout if caption_dropout is None else caption_dropout
-        self.dtype = transformer.dtype
-
-    def __call__(self, model, batch: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
-        # Re-sample the cached VAE posterior, then scale as the pipeline's decoder expects.
-        eps = torch.randn(batch["mean"].shape, generator=g, device=batch["mean"].device)
-        latents = (batch["mean"] + batch["std"] * eps) * self.scaling  # (B, 4, h, w)
-        embeds, mask = _drop_captions(batch["embeds"], batch["mask"], self.null, self.caption_dropout, g)
-        x_t, noise, timesteps = self.objective.sample(latents, generator=g)
-        if self.micro_cond:  # 1024-MS: the bucket's (h, w) and h/w, as the pipeline feeds at inference
-            cond = {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
-        else:
-            cond = {"resolution": None, "aspect_ratio": None}
-        out = model(
-            hidden_states=x_t.to(self.dtype), encoder_hidden_states=embeds.to(self.dtype),
-            encoder_attention_mask=mask, timestep=timesteps, added_cond_kwargs=cond, return_dict=False,
-        )[0]  # (B, 8, h, w): eps || variance interpolation
-        return self.objective.loss(out, latents, x_t, noise, timesteps)
-
-
-def _drop_captions(embeds, mask, null, p: float, g: torch.Generator):
-    """With probability p per sample, replace the caption by the cached T5("") (classifier-free guidance)."""
-    if p <= 0:
-        return embeds, mask
-    drop = torch.rand(embeds.shape[0], generator=g, device=embeds.device) < p
-    if not drop.any():
-        return embeds, mask
-    length = max(embeds.shape[1], null["embeds"].shape[0])
-    e = embeds.new_zeros((embeds.shape[0], length, embeds.shape[2]))
-    m = mask.new_zeros((mask.shape[0], length))
-    e[:, : embeds.shape[1]], m[:, : mask.shape[1]] = embeds, mask
-    n = null["embeds"].shape[0]
-    e[drop] = 0
-    m[drop] = 0
-    e[drop, :n] = null["embeds"].to(e.dtype)
-    m[drop, :n] = null["mask"].to(m.dtype)
-    return e, m

@@ -1,0 +1,49 @@
+"""Optimisers and learning-rate schedules named in recipes (train.optimizer, train.lr_scheduler)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .config import TrainConfig
+
+
+def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA), 8-bit AdamW (bitsandbytes), Adafactor or Prodigy over fp32 params."""
+    if t.optimizer == "adamw":
+        fused = all(p.is_cuda for p in params)  # one kernel for all params: fewer launches per step
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+    if t.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # External lr (no relative step): the recipe's lr and schedule mean the same as for AdamW.
+        return Adafactor(params, lr=t.lr, weight_decay=t.weight_decay, scale_parameter=False, relative_step=False)
+    if t.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        if t.lr < 0.1:
+            warnings.warn(f"Prodigy estimates the step size itself; train.lr is a multiplier, usually 1.0 (got {t.lr})")
+        return Prodigy(params, lr=t.lr, weight_decay=t.weight_decay, safeguard_warmup=t.warmup_steps > 0)
+    raise ValueError(f"train.optimizer {t.optimizer!r} is not available")
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """Multiplier of train.lr after `step` optimizer steps: linear warmup, then the schedule."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    if t.lr_scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if t.lr_scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))

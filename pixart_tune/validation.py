@@ -1,0 +1,86 @@
+"""Validation images during training: fixed prompts and seeds, one grid PNG per validation step.
+
+The prompts are encoded by T5 once, when the run starts, so T5 (19 GB for T5-XXL) is not kept in
+memory during training; the VAE waits on the CPU and visits the GPU only while decoding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .config import Config
+from .data.captions import process_caption
+from .models import DTYPES, load_text_encoder, load_tokenizer, load_vae
+
+
+class Validator:
+    """Generates the recipe's validation prompts × seeds with the model being trained."""
+
+    def __init__(self, cfg: Config, base: str, device):
+        from diffusers import DPMSolverMultistepScheduler
+
+        v = cfg.validation
+        self.cfg, self.device = v, torch.device(device)
+        tokenizer = load_tokenizer(base, cfg.model.revision)
+        t5 = load_text_encoder(base, DTYPES[cfg.data.t5_dtype], cfg.data.t5_quantization, cfg.model.revision)
+        if cfg.data.t5_quantization == "none":
+            t5.to(self.device)
+        # Same text processing as the cached captions (lowercasing / cleaning), so prompts match training.
+        texts = [process_caption(p, clean=cfg.data.clean_caption) for p in v.prompts] + [""]
+        tok = tokenizer(texts, max_length=cfg.data.max_tokens, padding="max_length", truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            embeds = t5(tok.input_ids.to(t5.device), attention_mask=tok.attention_mask.to(t5.device))[0]
+        self.embeds, self.masks = embeds.float().cpu(), tok.attention_mask
+        del t5
+        self.vae = load_vae(base, DTYPES[cfg.model.weight_dtype], cfg.model.revision).eval()
+        self.scheduler = DPMSolverMultistepScheduler.from_pretrained(base, subfolder="scheduler", revision=cfg.model.revision)
+
+    @torch.no_grad()
+    def __call__(self, transformer, step: int, out_dir: Path) -> Path:
+        """One grid PNG: a row per prompt, a column per seed. `transformer` is the live (unwrapped) model."""
+        from diffusers import PixArtAlphaPipeline
+
+        was_training = transformer.training
+        transformer.eval()
+        self.vae.to(self.device)
+        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=transformer,
+                                   scheduler=self.scheduler)  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        dtype = next(transformer.parameters()).dtype
+        null_e, null_m = self.embeds[-1:].to(self.device, dtype), self.masks[-1:].to(self.device)
+        rows = []
+        for i in range(len(self.cfg.prompts)):
+            row = []
+            for seed in self.cfg.seeds:
+                image = pipe(
+                    prompt_embeds=self.embeds[i : i + 1].to(self.device, dtype),
+                    prompt_attention_mask=self.masks[i : i + 1].to(self.device),
+                    negative_prompt=None, negative_prompt_embeds=null_e, negative_prompt_attention_mask=null_m,
+                    num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
+                    height=self.cfg.height, width=self.cfg.width,
+                    # An explicit size is generated as is (e.g. the training buckets' size); without
+                    # one, the model's default size with the pipeline's aspect-ratio binning.
+                    use_resolution_binning=self.cfg.height is None and self.cfg.width is None,
+                    generator=torch.Generator(device="cpu").manual_seed(seed),
+                ).images[0]  # fmt: skip
+                row.append(image)
+            rows.append(row)
+        self.vae.to("cpu")
+        transformer.train(was_training)
+        return _save_grid(rows, out_dir / f"step-{step:06d}.png")
+
+
+def _save_grid(rows: list[list[Image.Image]], path: Path) -> Path:
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image, (c * w, r * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    grid.save(tmp)
+    tmp.replace(path)
+    return path
