@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError
@@ -35,32 +36,86 @@ def _tiny_model(args) -> None:
 def _generate(args) -> None:
     from .inference import generate, load_pipeline
 
-    if args.lora and not args.base:
-        args.base = _base_of_adapter(args.lora[0])
-    lora = dict(zip(args.lora, args.scale if len(args.scale) == len(args.lora) else args.scale[:1] * len(args.lora)))
-    pipe = load_pipeline(args.base or "embedded:tiny", lora=lora or None, device=args.device, dtype=args.dtype)
+    base = args.base
+    if not base and args.lora:
+        from .export import base_for
+
+        base = base_for(args.lora[0], None)
+    scales = args.scale or [1.0]
+    if len(scales) not in (1, len(args.lora)):
+        raise ValueError(f"{len(args.lora)} --lora but {len(scales)} --scale: give one --scale, or one per --lora")
+    pipe = load_pipeline(
+        base or "embedded:tiny", lora=args.lora or None, scale=scales if len(scales) > 1 else scales[0],
+        device=args.device, dtype=args.dtype, assume_alpha=args.assume_alpha, scheduler=args.scheduler,
+        t5_quantization=args.t5_quantization, cpu_offload=args.cpu_offload, vae_tiling=args.vae_tiling,
+        vae_slicing=args.vae_slicing, fuse=args.fuse, compile=args.compile,
+    )  # fmt: skip
     paths = generate(
         pipe, args.prompt, out=args.out, negative_prompt=args.negative_prompt, height=args.height,
-        width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        width=args.width, steps=args.steps, guidance_scale=args.guidance_scale,
+        seed=args.seed[0] if len(args.seed or [0]) == 1 else args.seed, images_per_prompt=args.images_per_prompt,
+        resolution_binning=not args.no_binning, clean_caption=args.clean_caption,
     )  # fmt: skip
     print(f"wrote {', '.join(map(str, paths))} (parameters in {paths[0].with_suffix('.json')})")
 
 
-def _base_of_adapter(lora: str) -> str:
-    """The base model an adapter records in adapter_config.json."""
-    import json
+def _export(args) -> None:
+    from .export import export_adapter
 
-    from .inference import _adapter_folder
+    path, info = export_adapter(args.adapter, args.out, format=args.format, base=args.base, assume_alpha=args.assume_alpha)
+    assumed = f", alpha ASSUMED {info['alpha']:g}" if info.get("alpha_assumed") else f", alpha {info['alpha']:g}"
+    print(f"wrote {path} ({args.format}; read {info['format']} {info['path']}: rank {info['rank']}{assumed})")
 
-    cfg = json.loads((__import__("pathlib").Path(_adapter_folder(lora)) / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise SystemExit(f"error: {lora} does not record its base model; pass --base")
-    return base
+
+def _merge(args) -> None:
+    from .export import merge_adapter
+    from .models import DTYPES
+
+    out = merge_adapter(args.adapter, args.out, scale=args.scale, base=args.base, pipeline=args.pipeline,
+                        assume_alpha=args.assume_alpha, dtype=DTYPES[args.dtype] if args.dtype else None,
+                        overwrite=args.overwrite)  # fmt: skip
+    what = "pipeline (PixArtAlphaPipeline.from_pretrained)" if args.pipeline else "transformer (PixArtTransformer2DModel.from_pretrained)"
+    print(f"wrote {out}: {args.adapter} merged at scale {args.scale:g}, a full diffusers {what}")
+
+
+def _convert(args) -> None:
+    from .export import convert_checkpoint
+
+    out, direction = convert_checkpoint(args.src, args.out, to=args.to, use_ema=args.use_ema, config=args.config,
+                                        overwrite=args.overwrite)  # fmt: skip
+    what = "diffusers transformer folder" if direction == "diffusers" else "original-layout .safetensors"
+    print(f"wrote {out} ({what}) from {args.src}")
+
+
+def _push(args) -> None:
+    from .hub import push_to_hub  # prints the URL itself
+
+    push_to_hub(args.adapter, args.repo, private=args.private, **({"commit_message": args.message} if args.message else {}))
+
+
+def _alpha(text: str) -> float | str:
+    """--assume-alpha: a number, or 'rank' (alpha = rank, scale 1)."""
+    if text == "rank":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'rank', got {text!r}") from None
+
+
+ASSUME_ALPHA_HELP = ("alpha for LoRA files that store none (the official script's: it trained with 8); "
+                     "a number or 'rank'")  # fmt: skip
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line that says where to look, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pixart-tune", description="Fine-tune PixArt-alpha: LoRA or full.")
+    parser = _Parser(prog="pixart-tune", description="Fine-tune PixArt-alpha: LoRA or full.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train per a recipe YAML (key=value overrides allowed)")
@@ -80,31 +135,91 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate images with a base model and optional LoRA adapters")
     p.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
-    p.add_argument("--lora", action="append", default=[], help="adapter folder, run dir or Hub id (repeatable)")
-    p.add_argument("--scale", type=float, action="append", default=None, help="LoRA scale, one per --lora")
-    p.add_argument("--base", help="base model (default: the one the adapter records, else embedded:tiny)")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--height", type=int)
+    p.add_argument("--lora", action="append", default=[],
+                   help="adapter: PEFT folder, run dir, LoRA file (peft/diffusers/kohya/official) or Hub id (repeatable)")
+    p.add_argument("--scale", type=float, action="append", help="LoRA scale: one for all, or one per --lora")
+    p.add_argument("--assume-alpha", type=_alpha, help=ASSUME_ALPHA_HELP)
+    p.add_argument("--base", help="base model (default: the one the adapter records, else embedded:tiny)")
+    p.add_argument("--height", type=int, help="any size; default the model's (1024 for 1024-MS)")
     p.add_argument("--width", type=int)
+    p.add_argument("--no-binning", action="store_true",
+                   help="generate at exactly --height x --width instead of the nearest trained aspect-ratio bucket")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=4.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", help="dpm-solver (default, the checkpoint's), ddim, euler, euler-a, sa-solver")
+    p.add_argument("--seed", type=int, action="append", help="one for all (seed, seed+1, ...) or one per image")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--clean-caption", action=argparse.BooleanOptionalAction, default=None,
+                   help="PixArt's caption cleaning (default: on when beautifulsoup4 and ftfy are installed)")
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--t5-quantization", choices=["8bit", "4bit"], help="T5 through bitsandbytes (low VRAM)")
+    p.add_argument("--cpu-offload", action="store_true", help="each model visits the GPU only while it runs (GPU only)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile (low VRAM)")
+    p.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time (low VRAM)")
+    p.add_argument("--fuse", action="store_true", help="fold the adapters into the weights (faster steps)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (GPU; first call slow)")
     p.add_argument("--out", default="out.png", help="a .png path, or a folder for several images")
-    p.set_defaults(func=_generate)
+    p.set_defaults(func=_generate, friendly=True)
+
+    p = sub.add_parser("export", help="write an adapter as a PEFT folder, a diffusers file or a kohya file")
+    p.add_argument("adapter", help="PEFT folder, run dir (uses final/), or a LoRA file in any supported format")
+    p.add_argument("--format", required=True, choices=["peft", "diffusers", "kohya"])
+    p.add_argument("--out", required=True, help="peft: a folder; diffusers: a .safetensors or a folder; kohya: a .safetensors")
+    p.add_argument("--base", help="base model to record (default: the one the adapter records)")
+    p.add_argument("--assume-alpha", type=_alpha, help=ASSUME_ALPHA_HELP)
+    p.set_defaults(func=_export, friendly=True)
+
+    p = sub.add_parser("merge", help="fold an adapter into its base: a full diffusers transformer (or pipeline)")
+    p.add_argument("adapter", help="PEFT folder, run dir (uses final/), LoRA file or Hub id")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--base", help="base model (default: the one the adapter records)")
+    p.add_argument("--pipeline", action="store_true", help="write a whole pipeline: merged transformer + the base's other parts")
+    p.add_argument("--assume-alpha", type=_alpha, help=ASSUME_ALPHA_HELP)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="saved dtype (default: the base's)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_merge, friendly=True)
+
+    p = sub.add_parser("convert", help="original PixArt checkpoint (.pth/.safetensors) <-> diffusers transformer")
+    p.add_argument("src", help="an original .pth/.safetensors (-> diffusers folder) or a diffusers folder (-> original)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--to", choices=["diffusers", "original"], help="optional: confirms the direction SRC implies")
+    p.add_argument("--use-ema", action="store_true", help="take state_dict_ema from a training checkpoint")
+    p.add_argument("--config", help="1024, 512 or 256 (default: inferred), or JSON / a config.json of transformer kwargs")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_convert, friendly=True)
+
+    p = sub.add_parser("push", help="upload a LoRA (run dir or adapter folder) with a model card to the Hub")
+    p.add_argument("adapter", help="a run directory (uses final/, config.yaml, samples/) or a PEFT adapter folder")
+    p.add_argument("--repo", required=True, help="user/name or org/name; created if needed")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=_push, friendly=True)
     return parser
+
+
+def _one_line(exc: BaseException, limit: int = 800) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "scale", 0) is None:
-        args.scale = [1.0]
+    # User errors (missing files, unknown formats, missing alpha, bad sizes) end in one line, no
+    # traceback; PIXART_TUNE_TRACEBACK=1 shows the traceback anyway.
+    user_errors = (ValueError, OSError, ImportError) if getattr(args, "friendly", False) else ()
     try:
         args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except user_errors as exc:
+        if os.environ.get("PIXART_TUNE_TRACEBACK") == "1":
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     return 0
 
 
