@@ -84,6 +84,12 @@ def fit_to_bucket(
     return fitted, (top, left)
 
 
+def resize_to_cover(image: Image.Image, bucket_hw: tuple[int, int]) -> Image.Image:
+    """The resize step of fit_to_bucket alone; fitting its result again resizes nothing, so several
+    crops of one image (data.crop_variants) cost one resize."""
+    return _resize_to_cover(image, *bucket_hw)
+
+
 def _resize_to_cover(image: Image.Image, bucket_h: int, bucket_w: int) -> Image.Image:
     """Scale (up or down, bicubic) so both sides reach the bucket, keeping the aspect ratio."""
     scale = max(bucket_h / image.height, bucket_w / image.width)
