@@ -194,6 +194,8 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     tensorboard = t.log_with == "tensorboard"
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+        # Our schedule counts optimizer steps; accelerate would otherwise step it once per process.
+        step_scheduler_with_optimizer=False,
         log_with="tensorboard" if tensorboard else None, project_dir=str(run_dir / "logs") if tensorboard else None,
     )  # fmt: skip
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes

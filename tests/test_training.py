@@ -1,0 +1,257 @@
+"""The training engine on the tiny kit: resume after SIGKILL and Ctrl-C, 2-process equivalence,
+the non-finite guard, optimisers, schedules, EMA, run-directory files, and a learning test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+RECIPE = REPO / "recipes" / "tiny-lora.yaml"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, tiny_home):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _overrides(run: Path, cache: Path, *extra: str) -> list[str]:
+    return [f"output_dir={run}", f"data.cache_dir={cache}", "train.log_with=none", *extra]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "trainable.safetensors"
+    return load_file(str(folder / name))
+
+
+def _assert_same(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+RESUME = ["train.steps=24", "train.checkpoint_every=8", "train.ema_decay=0.9", "train.lr_scheduler=cosine",
+          "train.warmup_steps=3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    from pixart_tune import train
+
+    run = tmp_path_factory.mktemp("straight")
+    return train(RECIPE, _overrides(run, cache_dir, *RESUME), show_progress=False)
+
+
+def test_resume_after_sigkill_matches_uninterrupted(uninterrupted, tmp_path, cache_dir):
+    from pixart_tune import train
+
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "pixart_tune", "train", str(RECIPE), *_overrides(run, cache_dir, *RESUME)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-000008" / "state.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "final").exists()
+
+    resumed = train(RECIPE, _overrides(run, cache_dir, *RESUME, "resume=latest"), show_progress=False)
+    _assert_same(_weights(resumed), _weights(uninterrupted))  # EMA weights (final/)
+    _assert_same(_weights(run / "final-raw"), _weights(uninterrupted.parent / "final-raw"))
+
+
+def test_ctrl_c_saves_checkpoint_and_resume_completes(uninterrupted, tmp_path, cache_dir, monkeypatch):
+    from pixart_tune import trainer
+
+    calls = {"n": 0}
+    real_call = trainer.LossFn.__call__
+
+    def interrupt_at_step_5(self, model, batch, gens):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+        return real_call(self, model, batch, gens)
+
+    monkeypatch.setattr(trainer.LossFn, "__call__", interrupt_at_step_5)
+    run = tmp_path / "interrupted"
+    with pytest.raises(trainer.TrainingInterrupted) as exc:
+        trainer.train(RECIPE, _overrides(run, cache_dir, *RESUME), show_progress=False)
+    assert exc.value.checkpoint == run / "checkpoints" / "step-000005"
+    assert json.loads((exc.value.checkpoint / "state.json").read_text())["step"] == 5
+    monkeypatch.setattr(trainer.LossFn, "__call__", real_call)
+    resumed = trainer.train(RECIPE, _overrides(run, cache_dir, *RESUME, "resume=latest"), show_progress=False)
+    _assert_same(_weights(resumed), _weights(uninterrupted))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
+    from pixart_tune import trainer
+
+    calls = {"n": 0}
+    real_call = trainer.LossFn.__call__
+
+    def nan_from_step_7(self, model, batch, gens):
+        calls["n"] += 1
+        loss = real_call(self, model, batch, gens)
+        return loss * float("nan") if calls["n"] >= 7 else loss
+
+    monkeypatch.setattr(trainer.LossFn, "__call__", nan_from_step_7)
+    run = tmp_path / "nan"
+    with pytest.raises(trainer.NonFiniteLoss, match="step 7"):
+        trainer.train(RECIPE, _overrides(run, cache_dir, "train.steps=20", "train.checkpoint_every=3"), show_progress=False)
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-000003", "step-000006"]
+    assert all(torch.isfinite(v).all() for v in _weights(run / "checkpoints" / "step-000006").values())
+    assert not (run / "final").exists()
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cache_dir):
+    """accelerate launch, 2 CPU processes (gloo) of batch 1 == 1 process of batch 2."""
+    from pixart_tune import train
+
+    common = ["train.steps=6", "train.lr_scheduler=linear"]
+    one = train(RECIPE, _overrides(tmp_path / "one", cache_dir, *common, "train.batch_size=2"), show_progress=False)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              "-m", "pixart_tune", "train", str(RECIPE),
+              *_overrides(tmp_path / "two", cache_dir, *common, "train.batch_size=1")]  # fmt: skip
+    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    a, b = _weights(one), _weights(tmp_path / "two" / "final")
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm() / torch.cat([a[k].flatten() for k in a]).norm()
+    assert diff < 1e-3, f"relative weight difference {diff:.2e}"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor", "prodigy"])
+def test_each_optimizer_trains(optimizer, tmp_path, cache_dir):
+    from pixart_tune import train
+
+    lr = "1.0" if optimizer == "prodigy" else "1e-3"
+    final = train(RECIPE, _overrides(tmp_path, cache_dir, "train.steps=3", f"train.optimizer={optimizer}", f"train.lr={lr}"),
+                  show_progress=False)  # fmt: skip
+    weights = _weights(final)
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert max(v.abs().max() for v in lora_b) > 0, "B starts at zero: a step must move it"
+
+
+def test_lr_schedules():
+    from pixart_tune.config import load_config
+    from pixart_tune.optim import lr_factor
+
+    t = load_config(None, ["train.steps=110", "train.warmup_steps=10", "train.lr_scheduler=cosine"]).train
+    assert [lr_factor(s, t) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(10, t) == pytest.approx(1.0) and lr_factor(60, t) == pytest.approx(0.5)
+    assert lr_factor(110, t) == pytest.approx(0.0, abs=1e-9)
+    t.lr_scheduler = "linear"
+    assert lr_factor(60, t) == pytest.approx(0.5) and lr_factor(110, t) == pytest.approx(0.0)
+    t.lr_scheduler = "constant"
+    assert lr_factor(60, t) == 1.0 and lr_factor(3, t) == pytest.approx(0.4)
+
+
+def test_ema_math_and_swap():
+    from pixart_tune.ema import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA({"p": p}, decay=0.5, on_cpu=True)
+    for value in (1.0, 2.0):
+        p.data.fill_(value)
+        ema.update()
+    torch.testing.assert_close(ema.shadow["p"], torch.full((3,), 1.25))  # 0 -> 0.5 -> 1.25
+    ema.swap()
+    torch.testing.assert_close(p.data, torch.full((3,), 1.25))
+    ema.swap()
+    torch.testing.assert_close(p.data, torch.full((3,), 2.0))
+
+
+def test_run_directory_files(tmp_path, cache_dir):
+    from pixart_tune import train
+
+    run = tmp_path / "run"
+    overrides = [f"output_dir={run}", f"data.cache_dir={cache_dir}", "train.steps=7", "train.checkpoint_every=2",
+                 "train.keep_checkpoints=2", "train.log_every=2", "validation.prompts=[a photo of a cat, a rocket]",
+                 "validation.seeds=[1, 2]", "validation.every=4", "validation.steps=2", "validation.height=64",
+                 "validation.width=96"]  # fmt: skip
+    train(RECIPE, overrides, show_progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    grid = Image.open(run / "samples" / "step-000004.png")
+    assert grid.size == (2 * 96, 2 * 64)  # seeds across, prompts down
+    assert (run / "samples" / "step-000007.png").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents.*")), "TensorBoard log"
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 4, 6, 7]
+    assert (run / "final" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
+
+
+def test_full_fine_tune_writes_a_diffusers_transformer(tmp_path, cache_dir):
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart_tune import train
+
+    final = train(RECIPE, _overrides(tmp_path, cache_dir, "train.method=full", "train.steps=3", "train.lr=1e-4",
+                                     "train.freeze=[pos_embed, caption_projection]"), show_progress=False)  # fmt: skip
+    model = PixArtTransformer2DModel.from_pretrained(final)
+    base = PixArtTransformer2DModel.from_pretrained(Path(os.environ["PIXART_TUNE_HOME"]) / "tiny-pixart-v1-seed0",
+                                                    subfolder="transformer")  # fmt: skip
+    changed = {n for (n, a), b in zip(model.state_dict().items(), base.state_dict().values()) if not torch.equal(a, b)}
+    assert any(n.startswith("transformer_blocks") for n in changed)
+    assert not any(n.startswith(("pos_embed", "caption_projection")) for n in changed), "frozen parts stay"
+
+
+def test_lora_learns_a_single_concept(tmp_path, cache_dir):
+    """A LoRA on one concept lowers the loss on it, and what it generates moves toward it."""
+    from pixart_tune import load_pipeline, train
+    from pixart_tune.cache import build_cache
+    from pixart_tune.config import load_config
+    from pixart_tune.evaluate import dataset_loss
+    from pixart_tune.features import CachedFeatures
+    from pixart_tune.models import resolve_base
+
+    data = tmp_path / "concept"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # a warm red-orange texture, always with the same caption
+        pixels = np.zeros((256, 256, 3))
+        pixels[..., 0], pixels[..., 1], pixels[..., 2] = 220, 60 + 40 * np.linspace(0, 1, 256)[None, :], 30
+        Image.fromarray(np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("a photo of sks texture")
+    run = tmp_path / "run"
+    final = train(RECIPE, [f"output_dir={run}", f"data.path={data}", f"data.cache_dir={tmp_path / 'c'}", "train.steps=60",
+                           "train.lr=2e-3", "train.batch_size=3", "train.log_with=none"], show_progress=False)  # fmt: skip
+
+    before, after = dataset_loss(run / "config.yaml"), dataset_loss(run / "config.yaml", lora=final)
+    assert after < 0.8 * before, (before, after)
+
+    cfg = load_config(run / "config.yaml")
+    features = CachedFeatures(build_cache(cfg, resolve_base(cfg.model.base), show_progress=False))
+    target = torch.stack([features[i]["mean"] for i in range(len(features))]).mean(dim=(0, 2, 3)) * 0.18215
+    pipe = load_pipeline(cfg.model.base, lora=str(final), device="cpu", dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+
+    def channel_means(scale: float) -> torch.Tensor:
+        from pixart_tune import set_adapters
+
+        set_adapters(pipe.transformer, {"adapter0": scale})
+        latents = pipe("a photo of sks texture", height=256, width=256, num_inference_steps=8, output_type="latent",
+                       use_resolution_binning=False, num_images_per_prompt=2, clean_caption=False,
+                       generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+        return latents.mean(dim=(0, 2, 3))
+
+    base_gap = (channel_means(0.0) - target).norm()
+    lora_gap = (channel_means(1.0) - target).norm()
+    assert lora_gap < 0.7 * base_gap, (base_gap, lora_gap)
