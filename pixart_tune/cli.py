@@ -41,7 +41,7 @@ def _generate(args) -> None:
         from .export import base_for
 
         base = base_for(args.lora[0], None)
-    scales = args.scale or [1.0]
+    scales, seeds = args.scale or [1.0], args.seed or [0]
     if len(scales) not in (1, len(args.lora)):
         raise ValueError(f"{len(args.lora)} --lora but {len(scales)} --scale: give one --scale, or one per --lora")
     pipe = load_pipeline(
@@ -53,7 +53,7 @@ def _generate(args) -> None:
     paths = generate(
         pipe, args.prompt, out=args.out, negative_prompt=args.negative_prompt, height=args.height,
         width=args.width, steps=args.steps, guidance_scale=args.guidance_scale,
-        seed=args.seed[0] if len(args.seed or [0]) == 1 else args.seed, images_per_prompt=args.images_per_prompt,
+        seed=seeds[0] if len(seeds) == 1 else seeds, images_per_prompt=args.images_per_prompt,
         resolution_binning=not args.no_binning, clean_caption=args.clean_caption,
     )  # fmt: skip
     print(f"wrote {', '.join(map(str, paths))} (parameters in {paths[0].with_suffix('.json')})")

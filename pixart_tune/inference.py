@@ -18,10 +18,11 @@ scale * B @ A to each weight once); an unfused one adds two small matmuls per ad
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -168,12 +169,19 @@ def add_adapter(pipe_or_transformer, lora, name: str, *, scale: float | None = 1
     fused = is_fused(t)
     if fused:  # a merged layer ignores new adapters: unfold, add, fold again below
         _unmerge(t)
+    modules = {n for n, _ in t.named_modules()}
+    foreign = sorted(m for m in weights.layers if m not in modules)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*already.*peft_config.*")  # several adapters is the point
-            apply_lora(t, weights, adapter_name=name)
-    except ValueError as exc:
-        raise AdapterError(f"{info['source']}: does not fit this transformer ({exc}); is it a LoRA for another model?") from None
+        if foreign:
+            raise ValueError(f"modules this transformer lacks: {foreign[:3]}")
+        apply_lora(t, weights, adapter_name=name)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: shapes that differ
+        _delete(t, name)
+        _activate(t, getattr(t, "_pixart_scales", {}))
+        if fused:
+            _merge(t)
+        reason = " ".join(str(exc).split())[:300]
+        raise AdapterError(f"{info['source']}: does not fit this transformer ({reason}); is it a LoRA for another model?") from None
     device, dtype = t.device, t.dtype
     for n, p in t.named_parameters():
         if f".{name}." in n:  # adapters follow the base's device and dtype, and never train here
@@ -187,6 +195,27 @@ def add_adapter(pipe_or_transformer, lora, name: str, *, scale: float | None = 1
     if fused:
         _merge(t)
     return t._pixart_adapters[name]
+
+
+def _delete(t, name: str) -> None:
+    for module in _lora_layers(t):
+        if name in module.lora_A:
+            module.delete_adapter(name)
+
+
+def remove_adapter(pipe_or_transformer, name: str) -> None:
+    """Unload adapter `name` (its weights leave the model); the others keep their scales."""
+    t = _transformer(pipe_or_transformer)
+    if not any(name in m.lora_A for m in _lora_layers(t)):
+        raise ValueError(f"no adapter named {name!r}; loaded: {sorted(adapters(t)) or 'none'}")
+    fused = is_fused(t)
+    if fused:
+        _unmerge(t)
+    _delete(t, name)
+    t._pixart_adapters = {k: v for k, v in getattr(t, "_pixart_adapters", {}).items() if k != name}
+    _activate(t, {k: v for k, v in getattr(t, "_pixart_scales", {}).items() if k != name})
+    if fused:
+        _merge(t)
 
 
 def _activate(t, scales: dict[str, float]) -> None:
@@ -260,8 +289,7 @@ def compile_transformer(pipe_or_transformer, **compile_kwargs) -> None:
 # ---- schedulers ----------------------------------------------------------------------------------
 
 
-def set_scheduler(pipe, name: str) -> None:
-    """Switch the sampler by name (see SCHEDULERS), always built from the pipeline's original config."""
+def _scheduler_class(name: str):
     import diffusers
 
     if name not in SCHEDULERS:
@@ -269,6 +297,12 @@ def set_scheduler(pipe, name: str) -> None:
     cls = getattr(diffusers, SCHEDULERS[name], None)
     if cls is None:
         raise ValueError(f"scheduler {name!r} needs diffusers' {SCHEDULERS[name]}, which diffusers {diffusers.__version__} lacks")
+    return cls
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Switch the sampler by name (see SCHEDULERS), always built from the pipeline's original config."""
+    cls = _scheduler_class(name)
     if not hasattr(pipe, "_pixart_scheduler_config"):  # the one the checkpoint ships; later switches start from it
         pipe._pixart_scheduler_config = dict(pipe.scheduler.config)
     pipe.scheduler = cls.from_config(pipe._pixart_scheduler_config, **_SCHEDULER_KWARGS.get(name, {}))
@@ -322,6 +356,8 @@ def load_pipeline(
     if t5_quantization not in (None, "none", "8bit", "4bit"):
         raise ValueError(f"t5_quantization must be '8bit', '4bit' or None, not {t5_quantization!r}")
     t5_quantization = None if t5_quantization == "none" else t5_quantization
+    if scheduler:
+        _scheduler_class(scheduler)  # a typo fails now, not after minutes of loading
     folder = resolve_base(base)
     extra = {}
     if t5_quantization:  # T5-XXL is 19 GB in fp32; 8-bit ~5 GB, 4-bit ~3 GB. Computes in `dtype` (never fp16)
@@ -394,6 +430,18 @@ def _default_clean_caption() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("bs4", "ftfy"))
 
 
+@contextlib.contextmanager
+def _quiet_bitsandbytes():
+    """An 8-bit T5 logs 'MatMul8bitLt: inputs will be cast ... to float16' once per layer per call."""
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def generate(
     pipe,
     prompt: str | list[str],
@@ -420,6 +468,8 @@ def generate(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError("no prompt given")
+    if steps < 2 and not (steps == 1 and type(pipe.scheduler).__name__ == "LCMScheduler"):
+        raise ValueError(f"steps={steps}: give at least 2 (the pipeline's one-step path is only for LCM/DMD schedulers)")
     n = len(prompts) * images_per_prompt
     seeds = _seeds(seed, n)  # the pipeline orders images prompt by prompt, each prompt's copies together
     if scheduler:
@@ -430,8 +480,7 @@ def generate(
     size = (height or t.config.sample_size * pipe.vae_scale_factor, width or t.config.sample_size * pipe.vae_scale_factor)
     generated = _bin_size(pipe, *size) if resolution_binning else size
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="MatMul8bitLt")  # 8-bit T5: said once per layer per call
+    with _quiet_bitsandbytes():
         images = pipe(
             prompt=prompts, negative_prompt=negative_prompt, height=size[0], width=size[1],
             num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=images_per_prompt,

@@ -91,20 +91,38 @@ def _cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "pixart_tune", *args], cwd=cwd, capture_output=True, text=True)
 
 
-def test_generate_cli_size_seed_and_adapter(trained, tmp_path):
-    run, final = trained
+def test_generate_cli_size_seed_and_adapter(trained, tmp_path, capsys, monkeypatch):
+    """The first case goes through the real entry point; the others call cli.main in-process
+    (same code, without another interpreter start each). One thread: the tiny model gains nothing
+    from two, and on a busy 2-core box they make it ~5x slower."""
+    from pixart_tune.cli import main
+
+    _, final = trained
     common = ["--prompt", "a photo of a cat", "--steps", "4", "--height", "256", "--width", "384"]
     out = {}
-    for name, extra in {
-        "a": ["--lora", str(final), "--seed", "1"],
-        "b": ["--lora", str(final), "--seed", "2"],
-        "base": ["--lora", str(final), "--scale", "0", "--seed", "1"],
-    }.items():
-        r = _cli("generate", *common, *extra, "--out", str(tmp_path / f"{name}.png"))
-        assert r.returncode == 0, r.stderr
-        assert "wrote" in r.stdout
-        out[name] = torch.tensor(list(Image.open(tmp_path / f"{name}.png").getdata()), dtype=torch.float32)
-        assert Image.open(tmp_path / f"{name}.png").size == (384, 256)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocess
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, extra in {
+            "a": ["--lora", str(final), "--seed", "1"],
+            "b": ["--lora", str(final), "--seed", "2"],
+            "base": ["--lora", str(final), "--scale", "0", "--seed", "1"],
+        }.items():
+            args = ["generate", *common, *extra, "--out", str(tmp_path / f"{name}.png")]
+            if name == "a":
+                r = _cli(*args)
+                returncode, stdout, stderr = r.returncode, r.stdout, r.stderr
+            else:
+                capsys.readouterr()
+                returncode = main(args)
+                stdout, stderr = capsys.readouterr()
+            assert returncode == 0, stderr
+            assert "wrote" in stdout
+            out[name] = torch.tensor(list(Image.open(tmp_path / f"{name}.png").getdata()), dtype=torch.float32)
+            assert Image.open(tmp_path / f"{name}.png").size == (384, 256)
+    finally:
+        torch.set_num_threads(threads)
     assert json.loads((tmp_path / "a.json").read_text())["seed"] == 1
     assert (out["a"] - out["b"]).abs().mean() > 1.0, "another seed gives another image"
     assert (out["a"] - out["base"]).abs().mean() > 0.5, "the adapter changes the image"

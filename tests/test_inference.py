@@ -26,12 +26,13 @@ from pixart_tune.inference import (
     generate,
     is_fused,
     load_pipeline,
+    remove_adapter,
     resolve_adapter,
     set_adapters,
     set_scheduler,
     unfuse_adapters,
 )
-from pixart_tune.lora_formats import MissingAlphaError, load_lora, save_lora
+from pixart_tune.lora_formats import Lora, MissingAlphaError, load_lora, save_lora
 
 SMALL = {"height": 64, "width": 64, "steps": 2, "resolution_binning": False}
 
@@ -50,8 +51,9 @@ def make_lora(base_dir, out, targets, seed) -> str:
     transformer = PixArtTransformer2DModel.from_pretrained(base_dir, subfolder="transformer")
     torch.manual_seed(seed)
     config = LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
-    config.base_model_name_or_path = str(base_dir)
-    get_peft_model(transformer, config).save_pretrained(out)
+    model = get_peft_model(transformer, config)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)  # get_peft_model resets it
+    model.save_pretrained(out)
     return str(out)
 
 
@@ -261,6 +263,25 @@ def test_adapter_lookup_errors_name_the_path(tmp_path, pipe):
         add_adapter(pipe, tmp_path / "junk.safetensors", "adapter0")
 
 
+def test_a_lora_for_another_model_is_refused_and_leaves_no_trace(pipe, tmp_path):
+    t = pipe.transformer
+    before, names = forward(t), sorted(adapters(pipe))
+    wrong_shape = Lora.uniform({"transformer_blocks.0.attn1.to_q": (torch.ones(2, 99), torch.ones(48, 2))}, 2)
+    wrong_place = Lora.uniform({"transformer_blocks.7.attn1.to_q": (torch.ones(2, 48), torch.ones(48, 2))}, 2)
+    for what, lora in {"shape": wrong_shape, "place": wrong_place}.items():
+        path = save_lora(tmp_path / f"{what}.safetensors", lora, format="kohya" if what == "shape" else "diffusers")
+        with pytest.raises(AdapterError, match=f"{what}.safetensors: does not fit this transformer"):
+            add_adapter(pipe, path, "foreign")
+        assert sorted(adapters(pipe)) == names and torch.equal(forward(t), before), what
+    # remove_adapter unloads one adapter and keeps the others as they were.
+    shutil.copytree(pipe.transformer._pixart_adapters["adapter0"]["source"], tmp_path / "a-copy")
+    add_adapter(pipe, tmp_path / "a-copy", "extra", scale=0.5)
+    assert (forward(t) - before).abs().max() > 1e-4
+    remove_adapter(pipe, "extra")
+    assert sorted(adapters(pipe)) == names and torch.equal(forward(t), before)
+    assert not any("extra" in n for n, _ in t.named_parameters())
+
+
 # ---- low VRAM, speed -----------------------------------------------------------------------------
 
 
@@ -306,3 +327,31 @@ def test_gpu_offload_fuse_compile_and_timer(tiny_base, loras):
     assert image.size == (256, 256)
     fast = load_pipeline(str(tiny_base), lora=loras[0], fuse=True, compile=True)
     assert benchmark_latency(fast, steps=4, height=512, width=512, runs=2) > 0
+
+
+def test_generate_cli_exposes_the_switches(tiny_base, loras, tmp_path, capsys):
+    from pixart_tune.cli import main
+
+    a, b = loras
+    code = main(["generate", "--prompt", "a photo of a cat", "--prompt", "a red apple", "--lora", a, "--lora", b,
+                 "--scale", "0.8", "--scale", "0.3", "--base", str(tiny_base), "--height", "64", "--width", "96",
+                 "--no-binning", "--steps", "2", "--scheduler", "euler-a", "--seed", "11", "--seed", "12",
+                 "--negative-prompt", "blurry", "--guidance-scale", "3", "--t5-quantization", "8bit", "--vae-tiling",
+                 "--vae-slicing", "--fuse", "--device", "cpu", "--dtype", "fp32", "--no-clean-caption",
+                 "--out", str(tmp_path / "cli")])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert out.out.startswith("wrote ") and "000.json" in out.out
+    params = json.loads((tmp_path / "cli" / "000.json").read_text())
+    assert [Image.open(f).size for f in params["files"]] == [(96, 64), (96, 64)]
+    assert {k: params[k] for k in ("scheduler", "seeds", "steps", "guidance_scale", "negative_prompt", "fused",
+                                   "t5_quantization", "vae_tiling", "vae_slicing", "clean_caption", "resolution_binning")} == {
+        "scheduler": "euler-a", "seeds": [11, 12], "steps": 2, "guidance_scale": 3.0, "negative_prompt": "blurry",
+        "fused": True, "t5_quantization": "8bit", "vae_tiling": True, "vae_slicing": True, "clean_caption": False,
+        "resolution_binning": False}  # fmt: skip
+    assert [(x["source"], x["scale"]) for x in params["adapters"]] == [(a, 0.8), (b, 0.3)]
+    # Without --base the adapter's recorded base is used; without --seed it is 0.
+    assert main(["generate", "--prompt", "a cat", "--lora", a, "--height", "64", "--width", "64", "--no-binning",
+                 "--steps", "2", "--out", str(tmp_path / "d.png")]) == 0  # fmt: skip
+    params = json.loads((tmp_path / "d.json").read_text())
+    assert params["base"] == str(tiny_base) and params["seeds"] == [0]
