@@ -97,6 +97,11 @@ class TrainConfig(_Section):
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"  # SDPA kernel preference
     log_every: int = Field(10, ge=1)
     log_with: Literal["tensorboard", "none"] = "tensorboard"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML reads an unquoted `no` as false
     checkpoint_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
 

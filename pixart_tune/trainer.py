@@ -261,6 +261,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     bar = tqdm(total=t.steps, initial=start, desc="training", disable=not (show_progress and main))
     model.train()
     started, samples, step_loss = time.perf_counter(), 0, float("nan")
+    window_start, window_samples = started, 0  # throughput over the last logging interval
     try:
         for step in range(start, t.steps):
             step_loss = 0.0
@@ -280,6 +281,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += float(accelerator.reduce(loss.detach(), "mean")) / t.grad_accum
                 samples += size * world
+                window_samples += size * world
             if not math.isfinite(step_loss):
                 raise NonFiniteLoss(
                     f"loss became {step_loss} at step {step + 1}; the run stopped. The last good checkpoint is kept "
@@ -289,7 +291,8 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
                 ema.update()
             done = step + 1
             lr = lr_schedule.get_last_lr()[0]
-            rate = samples / (time.perf_counter() - started)
+            now = time.perf_counter()
+            rate = window_samples / max(now - window_start, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
             if done % t.log_every == 0 or done == start + 1 or done == t.steps:
@@ -297,6 +300,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
                 if metrics:
                     metrics.write(json.dumps({"step": done, "loss": step_loss, "lr": lr, "samples_per_s": rate}) + "\n")
                     metrics.flush()
+                window_start, window_samples = now, 0
             if validator and cfg.validation.every and done % cfg.validation.every == 0 and done != t.steps:
                 validator(accelerator.unwrap_model(model), done, run_dir / "samples")
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:

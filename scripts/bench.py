@@ -1,0 +1,410 @@
+"""pixart_tune benchmark: training throughput, MFU, peak memory, cache and inference speed.
+
+Builds the real PixArt-XL-2 architecture (1024-MS and 512 variants), the SD VAE and T5-XXL at
+random init (no weights can be fetched; throughput depends on shapes, dtypes and kernels, not on
+weight values), writes them in the Hub layout, and measures in ONE run:
+  ours      `pixart_tune.train()` on cached features: the exact path the recipes run
+  baseline  (a) the reference recipe: diffusers + peft eager, LoRA on the official script's target
+                list, T5-XXL and the VAE run every step
+            (b) the same plain diffusers + peft loop on cached features
+            (c) a plain full fine-tune loop (fp32 masters, bf16 autocast, fused AdamW, eager)
+  cache     raw VAE + T5 throughput vs `build_cache` on the same images
+  inference 1024 px, 20 steps with a LoRA: `load_pipeline` vs diffusers + PeftModel
+and prints one table with ratios, the card and the software versions.
+
+    python scripts/bench.py                      # on a GPU: everything (~10 min on an H100)
+    python scripts/bench.py --smoke              # CPU, tiny kit, seconds: checks the script runs
+    python scripts/bench.py --multi-gpu          # 1 vs 2 processes through accelerate launch
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Required FLOPs per image (shared/PERF.md): full step = 3x forward; LoRA = linear 2x, attention 3x.
+STEP_TFLOP = {("lora", 1024): 15.3, ("full", 1024): 19.5, ("lora", 512): 2.6, ("full", 512): 3.71}
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # measured bf16 dense matmul (shared/PERF.md, KINDS.md)
+OFFICIAL_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                         "proj", "linear", "linear_1", "linear_2"]  # fmt: skip
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# The models: real architecture, random init, written in the Hub layout
+
+
+def write_random_base(folder: Path, sample_size: int, text_encoder_from: Path | None = None) -> Path:
+    """PixArt-XL-2 (sample_size 128 = 1024-MS, 64 = 512) + SD VAE + T5-XXL, random init, bf16."""
+    from diffusers import AutoencoderKL, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    from pixart_tune.tiny import PIXART_SCHEDULER, embedded_tiny_path
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        transformer = PixArtTransformer2DModel(sample_size=sample_size, caption_channels=4096).to(torch.bfloat16)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+            scaling_factor=0.18215, force_upcast=True,
+        )  # fmt: skip
+        if text_encoder_from is None:
+            t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                         num_heads=64, feed_forward_proj="gated-gelu", dropout_rate=0.1))  # fmt: skip
+            t5 = t5.to(torch.bfloat16).eval()
+    from diffusers import DPMSolverMultistepScheduler
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_tiny_path(), subfolder="tokenizer")  # ids < 32128
+    if text_encoder_from is not None:  # share T5-XXL and the VAE's weights on disk between variants
+        folder.mkdir(parents=True)
+        transformer.save_pretrained(folder / "transformer")
+        for part in ("vae", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+            os.symlink(text_encoder_from / part, folder / part)
+        return folder
+    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler(**PIXART_SCHEDULER))  # fmt: skip
+    pipe.save_pretrained(folder)
+    del pipe, t5, vae, transformer
+    free()
+    return folder
+
+
+def write_photos(folder: Path, n: int, size: int) -> Path:
+    """n synthetic square photos with captions (one bucket, so every batch is full)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        base = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(base).resize((size, size), Image.BICUBIC).save(folder / f"{i:04d}.jpg", quality=90)
+        (folder / f"{i:04d}.txt").write_text(f"a photo of a colourful pattern number {i}, soft light, detailed")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours: the trainer itself
+
+
+def run_ours(base: Path, data: Path, cache: Path, work: Path, name: str, overrides: list[str], steps: int) -> dict:
+    """Train through pixart_tune.train() and read the steady-state rate from metrics.jsonl."""
+    from pixart_tune import train
+
+    free()
+    run = work / name
+    log_every = max(1, steps // 4)
+    started = time.perf_counter()
+    train(REPO / "recipes" / "tiny-lora.yaml", [
+        f"output_dir={run}", f"model.base={base}", f"data.path={data}", f"data.cache_dir={cache}",
+        f"train.steps={steps}", f"train.log_every={log_every}", "train.log_with=none", "train.checkpoint_every=null",
+        *overrides,
+    ], show_progress=False)  # fmt: skip
+    total = time.perf_counter() - started
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steady = [r["samples_per_s"] for r in rows if r["step"] > log_every]  # first interval holds the warm-up
+    losses = [r["loss"] for r in rows]
+    return {"samples_per_s": sum(steady) / len(steady), "peak_gib": peak_gib(), "wall_s": total,
+            "first_loss": losses[0], "last_loss": losses[-1], "final": str(run / "final")}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines: what a user gets by hand with diffusers + peft
+
+
+def run_plain(base: Path, method: str, resolution: int, batch: int, steps: int, encoders: bool, targets=None) -> dict:
+    """A plain eager loop: random batches already on the device (favouring the baseline)."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from peft import LoraConfig, get_peft_model
+
+    from pixart_tune.models import load_text_encoder
+
+    free()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    transformer = PixArtTransformer2DModel.from_pretrained(base, subfolder="transformer", torch_dtype=dtype).to(dev)
+    if method == "lora":
+        transformer.requires_grad_(False)
+        model = get_peft_model(transformer, LoraConfig(r=16, lora_alpha=16, target_modules=targets))
+    else:
+        model = transformer.float().requires_grad_(True)  # fp32 masters, bf16 autocast
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=dev == "cuda")
+    lat = resolution // 8
+    if encoders:
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype).to(dev)
+        t5 = load_text_encoder(str(base), dtype).to(dev)
+        pixels = torch.randn(batch, 3, resolution, resolution, device=dev, dtype=dtype)
+        ids = torch.randint(3, 100, (batch, 120), device=dev)
+    cond_on = transformer.config.sample_size == 128
+    acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=dev), 0)
+
+    def step():
+        with torch.no_grad():
+            if encoders:
+                latents = vae.encode(pixels).latent_dist.sample() * 0.18215
+                embeds = t5(ids, attention_mask=torch.ones_like(ids))[0]
+                mask = torch.ones(batch, 120, device=dev)
+            else:
+                latents = torch.randn(batch, 4, lat, lat, device=dev)
+                width = transformer.config.caption_channels
+                embeds, mask = torch.randn(batch, 120, width, device=dev, dtype=dtype), torch.ones(batch, 120, device=dev)
+        t = torch.randint(0, 1000, (batch,), device=dev)
+        noise = torch.randn_like(latents, dtype=torch.float32)
+        a = acp[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents.float() + (1 - a).sqrt() * noise
+        cond = {"resolution": torch.full((batch, 2), float(resolution), device=dev),
+                "aspect_ratio": torch.ones(batch, 1, device=dev)} if cond_on else {"resolution": None, "aspect_ratio": None}  # fmt: skip
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            out = model(hidden_states=noisy.to(dtype), encoder_hidden_states=embeds.to(dtype), encoder_attention_mask=mask,
+                        timestep=t, added_cond_kwargs=cond).sample  # fmt: skip
+        loss = torch.nn.functional.mse_loss(out.chunk(2, dim=1)[0].float(), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    rate = batch * steps / (time.perf_counter() - started)
+    result = {"samples_per_s": rate, "peak_gib": peak_gib()}
+    del model, transformer, opt
+    if encoders:
+        del vae, t5
+    free()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def inference(base: Path, adapter: str, steps: int, size: int) -> dict:
+    """1024 px, `steps` steps, one LoRA: our load_pipeline (fused) vs diffusers + PeftModel."""
+    from diffusers import PixArtAlphaPipeline
+    from peft import PeftModel
+
+    from pixart_tune import inference as ours
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    free()
+    pipe = PixArtAlphaPipeline.from_pretrained(base, torch_dtype=dtype).to(dev)
+    pipe.transformer = PeftModel.from_pretrained(pipe.transformer, adapter)
+    plain = ours.benchmark_latency(pipe, steps=steps, height=size, width=size)
+    del pipe
+    free()
+    pipe = ours.load_pipeline(str(base), lora=adapter, device=dev, dtype=dtype, fuse=True)
+    fused = ours.benchmark_latency(pipe, steps=steps, height=size, width=size)
+    del pipe
+    free()
+    result = {"diffusers_peft_s": plain, "ours_fused_s": fused, "ours_s": fused, "speedup": plain / fused}
+    if dev == "cuda":  # the fast path: fused adapter + compiled transformer blocks
+        pipe = ours.load_pipeline(str(base), lora=adapter, device=dev, dtype=dtype, fuse=True, compile=True)
+        result["ours_s"] = ours.benchmark_latency(pipe, steps=steps, height=size, width=size)
+        result["speedup"] = plain / result["ours_s"]
+        del pipe
+        free()
+    return result
+
+
+def versions() -> dict:
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+            "peft": peft.__version__, "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
+def run_sections(args, work: Path) -> dict:
+    """Every measurement, in one process, one after the other (each frees the GPU after itself)."""
+    from pixart_tune.bench_cache import measure_cache_throughput
+    from pixart_tune.tiny import embedded_tiny_path
+
+    smoke = args.smoke
+    want = set(args.only or ["cache", "lora", "full", "lora512", "full512", "memory", "baselines", "inference"])
+    res, batch = (256, 2) if smoke else (1024, args.batch)
+    steps = args.steps or (4 if smoke else 40)
+    dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    if smoke:
+        base = base512 = embedded_tiny_path()
+    else:
+        base = write_random_base(work / "base-1024", 128)
+        base512 = write_random_base(work / "base-512", 64, text_encoder_from=base)
+    data = write_photos(work / f"photos-{res}", 4 * batch, res)
+    data512 = write_photos(work / "photos-512", 4 * batch, 512 if not smoke else 256)
+    fast = [] if smoke else ["train.compile=regional", "train.attention=cudnn"]
+    common = [f"train.batch_size={batch}", "train.lr=1e-4", "lora.rank=16", "lora.alpha=16", "lora.targets=attention+ff",
+              "model.weight_dtype=" + ("bf16" if dev == "cuda" else "fp32"), "data.t5_dtype=" + ("bf16" if dev == "cuda" else "fp32"),
+              "train.mixed_precision=" + ("bf16" if dev == "cuda" else "no"), "data.num_workers=4"]  # fmt: skip
+    out: dict = {"resolution": res, "batch": batch, "steps": steps, "device": dev}
+
+    def section(name, fn, *a, **kw):
+        """Run one measurement; a failure is recorded and the others still run."""
+        try:
+            out[name] = fn(*a, **kw)
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports what broke and carries on
+            out.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+            free()
+        print(name, out.get(name, out.get("errors", {}).get(name)), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+
+    def ours(name, b, d, r, extra):
+        section(name, run_ours, b, d, work / f"cache-{r}", work, name, [*common, f"data.resolution={r}", *extra], steps)
+
+    if "cache" in want:
+        section("cache", measure_cache_throughput, str(base), dev, n_images=8 if smoke else 96, resolution=res,
+                batch_size=batch, workers=4 if smoke else 8, t5_dtype="bf16" if dev == "cuda" else "fp32")  # fmt: skip
+    if "lora" in want:
+        ours("lora", base, data, res, fast)
+    if "full" in want:
+        ours("full", base, data, res, [*fast, "train.method=full", "train.lr=1e-5"])
+    if "lora512" in want:
+        ours("lora512", base512, data512, 512 if not smoke else 256, [*fast])
+    if "full512" in want:
+        ours("full512", base512, data512, 512 if not smoke else 256, [*fast, "train.method=full", "train.lr=1e-5"])
+    if "memory" in want:
+        ours("lora_bs1_ckpt", base, data, res, [*fast, "train.batch_size=1", "train.gradient_checkpointing=true"])
+        ours("full_recipe_24g", base, data, res, [*fast, "train.method=full", "train.lr=1e-5", "train.batch_size=2",
+                                                 "train.gradient_checkpointing=true", "train.optimizer=adamw8bit"])  # fmt: skip
+    if "baselines" in want:
+        n = max(2, steps // 4)
+        section("ref_recipe", run_plain, base, "lora", res, batch, n, encoders=True, targets=OFFICIAL_LORA_TARGETS)
+        section("plain_cached_lora", run_plain, base, "lora", res, batch, n, encoders=False, targets=OFFICIAL_LORA_TARGETS)
+        section("plain_full", run_plain, base, "full", res, batch, n, encoders=False)
+    if "inference" in want and "lora" in out:
+        section("inference", inference, base, out["lora"]["final"], steps=2 if smoke else 20, size=res)
+    return out
+
+
+def print_table(r: dict) -> None:
+    """One table: figures, ratios against the baselines measured in the same run, MFU."""
+    v = r["versions"]
+    peak = next((t for k, t in PEAK_TFLOPS.items() if k in v["card"]), None)
+    print(f"\n{v['card']} | torch {v['torch']} (CUDA {v['cuda']}) | diffusers {v['diffusers']} | peft {v['peft']} | "
+          f"transformers {v['transformers']} | accelerate {v['accelerate']} | {v['date']}")  # fmt: skip
+    print(f"{r['resolution']} px, batch {r['batch']}, {r['steps']} steps per measurement\n")
+    print(f"{'measurement':<34}{'samples/s':>10}{'MFU':>7}{'peak GiB':>10}  vs baseline")
+    for name, error in r.get("errors", {}).items():
+        print(f"FAILED {name}: {error}")
+    ref, cached, full = (r.get(k, {}).get("samples_per_s") for k in ("ref_recipe", "plain_cached_lora", "plain_full"))
+    rows = [("ours: LoRA r16 attn+ff", "lora", "lora", r["resolution"]), ("ours: full fine-tune", "full", "full", r["resolution"]),
+            ("ours: LoRA r16, 512 px", "lora512", "lora", 512), ("ours: full fine-tune, 512 px", "full512", "full", 512),
+            ("ours: LoRA, batch 1, grad ckpt", "lora_bs1_ckpt", "lora", r["resolution"]),
+            ("ours: full, recipe (ckpt, 8-bit AdamW)", "full_recipe_24g", "full", r["resolution"]),
+            ("(a) reference recipe (T5+VAE per step)", "ref_recipe", "lora", r["resolution"]),
+            ("(b) plain diffusers+peft, cached", "plain_cached_lora", "lora", r["resolution"]),
+            ("(c) plain full fine-tune, eager", "plain_full", "full", r["resolution"])]  # fmt: skip
+    for label, key, method, res in rows:
+        if key not in r:
+            continue
+        m = r[key]
+        tflop = STEP_TFLOP.get((method, res))
+        mfu = f"{m['samples_per_s'] * tflop / peak:.0%}" if peak and tflop else "-"
+        vs = ""
+        if method == "lora" and key.startswith("lora") and ref and cached:
+            vs = f"{m['samples_per_s'] / ref:.2f}x (a), {m['samples_per_s'] / cached:.2f}x (b)"
+        elif method == "full" and key.startswith("full") and full:
+            vs = f"{m['samples_per_s'] / full:.2f}x (c)"
+        print(f"{label:<34}{m['samples_per_s']:>10.2f}{mfu:>7}{m['peak_gib']:>10.1f}  {vs}")
+    if "cache" in r:
+        c = r["cache"]
+        print(f"\ncache stage: {c['cache_images_per_s']:.1f} img/s vs raw encoders {c['raw_images_per_s']:.1f} img/s "
+              f"= {c['ratio']:.0%} (end to end incl. model loads {c['ratio_end_to_end']:.0%})")  # fmt: skip
+    if "inference" in r:
+        i = r["inference"]
+        print(f"inference with a LoRA: ours {i['ours_s']:.3f} s (fused only: {i['ours_fused_s']:.3f} s) vs "
+              f"diffusers+PeftModel {i['diffusers_peft_s']:.3f} s = {i['speedup']:.2f}x")  # fmt: skip
+
+
+def multi_gpu(args, work: Path) -> dict:
+    """The LoRA and full recipes through `accelerate launch` on 1 and on 2 GPUs of this machine."""
+    base = write_random_base(work / "base-1024", 128)
+    data = write_photos(work / "photos-1024", 64, 1024)
+    steps = args.steps or 40
+    out = {}
+    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    for method in ("lora", "full"):
+        for n in (1, 2):
+            run = work / f"mgpu-{method}-{n}"
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
+                   "--mixed_precision", "bf16", "--dynamo_backend", "no", *(["--multi_gpu"] if n > 1 else []),
+                   "-m", "pixart_tune", "train", str(REPO / "recipes" / "tiny-lora.yaml"), f"output_dir={run}",
+                   f"model.base={base}", f"data.path={data}", f"data.cache_dir={work / 'cache-1024'}",
+                   "data.resolution=1024", f"train.batch_size={args.batch}", f"train.steps={steps}",
+                   f"train.log_every={steps // 4}", "train.log_with=none", "train.compile=regional",
+                   "train.attention=cudnn", "model.weight_dtype=bf16", "data.t5_dtype=bf16", "train.mixed_precision=bf16",
+                   "lora.rank=16", "lora.alpha=16", f"train.method={method}", "train.lr=1e-5"]  # fmt: skip
+            subprocess.run(cmd, check=True, env=env)
+            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            rates = [x["samples_per_s"] for x in rows if x["step"] > steps // 4]
+            out[f"{method}-{n}gpu"] = sum(rates) / len(rates)
+        out[f"{method}-scaling"] = out[f"{method}-2gpu"] / out[f"{method}-1gpu"]
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny kit, seconds")
+    p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="sections: cache lora full lora512 full512 memory baselines inference")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp folder)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    work = Path(args.work or tempfile.mkdtemp(prefix="pixart-bench-"))
+    if args.multi_gpu:
+        results = multi_gpu(args, work)
+    else:
+        results = run_sections(args, work)
+        results["versions"] = versions()
+        print_table(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
