@@ -81,8 +81,9 @@ def build_cache(
     started, wall_started = time.perf_counter(), time.time()
     device = torch.device(device)
     root = default_cache_dir(cfg)
-    keys = CacheKeys.from_config(cfg, base)
     timings: dict[str, float] = {}
+    keys = CacheKeys.from_config(cfg, base)
+    timings["keys"] = time.perf_counter() - started
     counts: Counter = Counter()
 
     def mine(key: str) -> bool:
@@ -114,10 +115,10 @@ def build_cache(
     t = time.perf_counter()
     index = _index(cfg, keys, root, scan, counts)
     index.null_file = str(null_file)
-    timings["index"] = time.perf_counter() - t
     if rank == 0:
         store.write_report(root, index.skipped)
         store.remove_stale_temps(root, older_than=wall_started)
+    timings["index"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     index.timings = timings
     return index
@@ -220,9 +221,9 @@ def _encode_latents(cfg, base, device, jobs, root, scan, counts, timings, show_p
         encoder.flush()
     bar.close()
     counts["encoded_latents"] += encoder.encoded
-    timings["latents"] = time.perf_counter() - t
     del vae, encoder, loader, results
     free_device_memory(device)
+    timings["latents"] = time.perf_counter() - t
 
 
 def _write_latents(root: Path, metas: list, out: torch.Tensor) -> None:
@@ -231,35 +232,33 @@ def _write_latents(root: Path, metas: list, out: torch.Tensor) -> None:
 
 
 def _encode_texts(cfg, base, device, texts, null_file, root, scan, counts, timings, show_progress) -> None:
-    """Captions (this rank's share) and, when missing, the null caption."""
+    """Captions (this rank's share) and, when missing, the null caption "" (in the last batch)."""
     t = time.perf_counter()
     encoder = TextEncoder(base, cfg, device)
     timings["load_t5"] = time.perf_counter() - t
     t = time.perf_counter()
-    text_keys = list(texts)
-    bar = tqdm(total=len(text_keys), desc="encoding captions", unit="cap", disable=not show_progress)
+    paths = [shard(root, "text", k) for k in texts] + ([null_file] if null_file is not None else [])
+    captions = list(texts.values()) + ([""] if null_file is not None else [])
+    bar = tqdm(total=len(texts), desc="encoding captions", unit="cap", disable=not show_progress)
     with BackgroundWriter() as writer:
 
         def on_batch(i0: int, feats: list) -> None:
-            batch_keys = text_keys[i0 : i0 + len(feats)]
-            for key in batch_keys:
-                scan.known[key] = {}
-            writer.submit(_write_texts, root, batch_keys, feats)
-            bar.update(len(feats))
+            writer.submit(_write_texts, paths[i0 : i0 + len(feats)], feats)
+            bar.update(sum(1 for p in paths[i0 : i0 + len(feats)] if p != null_file))
 
-        encoder.encode([texts[k] for k in text_keys], on_batch, cfg.data.encode_batch_size)
-        counts["encoded_texts"] += encoder.encoded
-        if null_file is not None:
-            encoder.encode([""], lambda _, feats: writer.submit(store.write_features, null_file, feats[0]), 1)
+        encoder.encode(captions, on_batch, cfg.data.encode_batch_size)
+    for key in texts:
+        scan.known[key] = {}
+    counts["encoded_texts"] += len(texts)
     bar.close()
-    timings["texts"] = time.perf_counter() - t
     del encoder
     free_device_memory(device)
+    timings["texts"] = time.perf_counter() - t
 
 
-def _write_texts(root: Path, keys: list[str], feats: list[dict]) -> None:
-    for key, f in zip(keys, feats):
-        store.write_features(shard(root, "text", key), f)
+def _write_texts(paths: list[Path], feats: list[dict]) -> None:
+    for path, f in zip(paths, feats):
+        store.write_features(path, f)
 
 
 def _index(cfg: Config, keys: CacheKeys, root: Path, scan: _Scan, counts: Counter) -> CacheIndex:

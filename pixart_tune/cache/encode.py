@@ -8,7 +8,6 @@ waits for the disk.
 
 from __future__ import annotations
 
-import gc
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -73,7 +72,8 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def free_device_memory(device: torch.device) -> None:
-    gc.collect()
+    """Return the cached blocks of a deleted encoder to the driver. No gc.collect(): the encoders
+    hold no reference cycles, so `del` frees them, and a full collection costs 0.1-0.4 s here."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
