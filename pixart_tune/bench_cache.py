@@ -77,7 +77,7 @@ def _raw_vae_seconds(vae, device, sizes, resolution: int, batch_size: int) -> fl
         (hw, b): torch.rand((b, 3, *hw), device=device).mul_(2).sub_(1).to(vae.dtype) for hw, b in set(batches)
     }
     for x in inputs.values():  # warm-up: every shape once
-        vae.encode(x).latent_dist
+        _ = vae.encode(x).latent_dist
     _sync(device)
     started = time.perf_counter()
     for hw, b in batches:

@@ -51,12 +51,15 @@ def test_killed_build_resumes_with_only_the_rest(tmp_path, tiny_base, calls):  #
     assert child.exitcode == -signal.SIGKILL
     assert len(list((cache / "latents").rglob("*.safetensors"))) == 2
     assert list(cache.rglob(".*.tmp")), "the killed write left its temporary file"
+    live = store.temp_name(cache / "latents" / "ab" / "in-progress.safetensors")  # this process: alive
+    live.parent.mkdir(parents=True, exist_ok=True)
+    live.write_bytes(b"being written by a live process")
 
     index, n = build(cfg, tiny_base, calls)
     assert n == {"vae": 2, "t5": 4 + 1}, "the two latents not written yet; the captions came after the kill"
     c = index.counts
     assert (c["encoded_latents"], c["reused_latents"], c["used"]) == (2, 2, 4)
-    assert not list(cache.rglob(".*.tmp")), "leftovers of the killed build are removed"
+    assert list(cache.rglob(".*.tmp")) == [live], "leftovers of the killed build are removed, live writes kept"
     index, n = build(cfg, tiny_base, calls)
     assert n == {"vae": 0, "t5": 0}
 
@@ -84,7 +87,7 @@ def test_two_ranks_share_the_work_and_build_one_cache(tmp_path, tiny_base, calls
     procs = [ctx.Process(target=_rank, args=(cfg, str(tiny_base), r, 2, barrier, results, calls)) for r in range(2)]
     for p in procs:
         p.start()
-    out = dict((r, rest) for r, *rest in (results.get(timeout=180) for _ in procs))
+    out = {r: rest for r, *rest in (results.get(timeout=180) for _ in procs)}
     for p in procs:
         p.join(30)
         assert p.exitcode == 0

@@ -78,7 +78,7 @@ def build_cache(
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     if world_size > 1 and barrier is None:
         raise ValueError("build_cache with world_size > 1 needs barrier= (e.g. accelerator.wait_for_everyone)")
-    started, wall_started = time.perf_counter(), time.time()
+    started = time.perf_counter()
     device = torch.device(device)
     root = default_cache_dir(cfg)
     timings: dict[str, float] = {}
@@ -117,7 +117,7 @@ def build_cache(
     index.null_file = str(null_file)
     if rank == 0:
         store.write_report(root, index.skipped)
-        store.remove_stale_temps(root, older_than=wall_started)
+        store.remove_stale_temps(root)
     timings["index"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     index.timings = timings

@@ -1,8 +1,9 @@
 """The cache on disk: feature files (safetensors with a checksum), rejection markers, the index.
 
 Every write goes to a temporary name in the target folder and is renamed into place, so a reader
-sees either nothing or a complete file. Temporary names start with '.' and end in '.tmp'; a killed
-build can leave some behind, which are never read and are removed by the next build.
+sees either nothing or a complete file. Temporary names start with '.', end in '.tmp' and name the
+host and process that writes them; a killed build can leave some behind, which are never read, and
+the next build removes those whose process is gone (or, from another host, that are a day old).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import struct
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +108,12 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
 def temp_name(path: Path) -> Path:
-    """Where `path` is written before the rename: hidden, per process and thread, ends in .tmp."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    """Where `path` is written before the rename: hidden, per host, process and thread, ends in .tmp."""
+    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}-{threading.get_ident()}.tmp")
 
 
 def write_features(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
@@ -195,18 +202,37 @@ def write_report(root: Path, skipped: list[dict]) -> Path:
     return path
 
 
-def remove_stale_temps(root: Path, older_than: float) -> int:
-    """Delete temporary files left by killed builds (modified before `older_than`, a time.time())."""
+def remove_stale_temps(root: Path) -> int:
+    """Delete temporary files that no running writer owns: left by a killed build."""
     removed = 0
     for kind in KINDS:
         for folder, _, files in os.walk(root / kind):
             for name in files:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    p = Path(folder, name)
+                if name.startswith(".") and name.endswith(".tmp") and _abandoned(Path(folder, name)):
                     try:
-                        if p.stat().st_mtime < older_than:
-                            p.unlink()
-                            removed += 1
+                        Path(folder, name).unlink()
+                        removed += 1
                     except FileNotFoundError:
                         pass
     return removed
+
+
+def _abandoned(path: Path) -> bool:
+    """A temp file of a process of this host that is gone; from another host, one untouched for a day."""
+    try:
+        host, owner = path.name[1 : -len(".tmp")].rsplit(".", 2)[1:]
+        pid = int(owner.split("-")[0])
+    except ValueError:
+        host, pid = "", 0  # not a name we write: judge by age alone
+    if host == _HOST and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+    try:
+        return time.time() - path.stat().st_mtime > 86400
+    except FileNotFoundError:
+        return False
