@@ -142,10 +142,15 @@ def _transformer(pipe_or_transformer):
     return getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
 
 
-def _lora_layers(transformer):
+def _is_lora_layer(module) -> bool:
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    return isinstance(module, LoraLayer)
+
+
+def _lora_layers(transformer):
+    """The peft LoRA layers in the module tree (none while fused: they are kept aside then)."""
+    return [m for m in transformer.modules() if _is_lora_layer(m)]
 
 
 def adapters(pipe_or_transformer) -> dict[str, dict]:
@@ -162,38 +167,33 @@ def add_adapter(pipe_or_transformer, lora, name: str, *, scale: float | None = 1
     from .lora_formats import apply_lora
 
     t = _transformer(pipe_or_transformer)
-    known = getattr(t, "_pixart_adapters", {})
-    if name in known or any(name in m.lora_A for m in _lora_layers(t)):
+    layers = _lora_layers(t) + list((getattr(t, "_pixart_fused", None) or {}).values())
+    if any(name in m.lora_A for m in layers):
         raise ValueError(f"an adapter named {name!r} is already loaded; choose another name")
     weights, info = read_adapter(lora, assume_alpha=assume_alpha)
-    fused = is_fused(t)
-    if fused:  # a merged layer ignores new adapters: unfold, add, fold again below
-        _unmerge(t)
-    modules = {n for n, _ in t.named_modules()}
-    foreign = sorted(m for m in weights.layers if m not in modules)
-    try:
-        if foreign:
-            raise ValueError(f"modules this transformer lacks: {foreign[:3]}")
-        apply_lora(t, weights, adapter_name=name)
-    except (ValueError, RuntimeError) as exc:  # RuntimeError: shapes that differ
-        _delete(t, name)
-        _activate(t, getattr(t, "_pixart_scales", {}))
-        if fused:
-            _merge(t)
-        reason = " ".join(str(exc).split())[:300]
-        raise AdapterError(f"{info['source']}: does not fit this transformer ({reason}); is it a LoRA for another model?") from None
-    device, dtype = t.device, t.dtype
-    for n, p in t.named_parameters():
-        if f".{name}." in n:  # adapters follow the base's device and dtype, and never train here
-            p.data = p.data.to(device, dtype)
-            p.requires_grad_(False)
-    t._pixart_adapters = {**known, name: {k: info.get(k) for k in ("source", "path", "format", "rank", "alpha", "alpha_assumed")}}
-    scales = dict(getattr(t, "_pixart_scales", {}))
-    if scale is not None:
-        scales[name] = float(scale)
-    _activate(t, scales)
-    if fused:
-        _merge(t)
+    with _unfolded(t):  # a merged layer would ignore a new adapter: unfold, add, fold again
+        known = getattr(t, "_pixart_adapters", {})
+        modules = {n for n, _ in t.named_modules()}
+        foreign = sorted(m for m in weights.layers if m not in modules)
+        try:
+            if foreign:
+                raise ValueError(f"modules this transformer lacks: {foreign[:3]}")
+            apply_lora(t, weights, adapter_name=name)
+        except (ValueError, RuntimeError) as exc:  # RuntimeError: shapes that differ
+            _delete(t, name)
+            _activate(t, getattr(t, "_pixart_scales", {}))
+            reason = " ".join(str(exc).split())[:300]
+            raise AdapterError(f"{info['source']}: does not fit this transformer ({reason}); is it a LoRA for another model?") from None
+        device, dtype = t.device, t.dtype
+        for n, p in t.named_parameters():
+            if f".{name}." in n:  # adapters follow the base's device and dtype, and never train here
+                p.data = p.data.to(device, dtype)
+                p.requires_grad_(False)
+        t._pixart_adapters = {**known, name: {k: info.get(k) for k in ("source", "path", "format", "rank", "alpha", "alpha_assumed")}}
+        scales = dict(getattr(t, "_pixart_scales", {}))
+        if scale is not None:
+            scales[name] = float(scale)
+        _activate(t, scales)
     return t._pixart_adapters[name]
 
 
@@ -206,16 +206,12 @@ def _delete(t, name: str) -> None:
 def remove_adapter(pipe_or_transformer, name: str) -> None:
     """Unload adapter `name` (its weights leave the model); the others keep their scales."""
     t = _transformer(pipe_or_transformer)
-    if not any(name in m.lora_A for m in _lora_layers(t)):
-        raise ValueError(f"no adapter named {name!r}; loaded: {sorted(adapters(t)) or 'none'}")
-    fused = is_fused(t)
-    if fused:
-        _unmerge(t)
-    _delete(t, name)
-    t._pixart_adapters = {k: v for k, v in getattr(t, "_pixart_adapters", {}).items() if k != name}
-    _activate(t, {k: v for k, v in getattr(t, "_pixart_scales", {}).items() if k != name})
-    if fused:
-        _merge(t)
+    with _unfolded(t):
+        if not any(name in m.lora_A for m in _lora_layers(t)):
+            raise ValueError(f"no adapter named {name!r}; loaded: {sorted(adapters(t)) or 'none'}")
+        _delete(t, name)
+        t._pixart_adapters = {k: v for k, v in getattr(t, "_pixart_adapters", {}).items() if k != name}
+        _activate(t, {k: v for k, v in getattr(t, "_pixart_scales", {}).items() if k != name})
 
 
 def _activate(t, scales: dict[str, float]) -> None:
@@ -237,39 +233,65 @@ def set_adapters(pipe_or_transformer, scales: dict[str, float] | list[str] | str
     if isinstance(scales, str):
         scales = [scales]
     scales = {n: 1.0 for n in scales} if not isinstance(scales, dict) else dict(scales)
-    loaded = {n for m in _lora_layers(t) for n in m.lora_A}
-    unknown = sorted(set(scales) - loaded)
-    if unknown:
-        raise ValueError(f"no adapter named {unknown}; loaded: {sorted(loaded) or 'none'}")
-    fused = is_fused(t)
-    if fused:  # peft unmerges with the current scales: unfold before changing them
-        _unmerge(t)
-    _activate(t, {n: float(s) for n, s in scales.items()})
-    if fused:
-        _merge(t)
+    with _unfolded(t):  # peft unmerges with the current scales: unfold before changing them
+        loaded = {n for m in _lora_layers(t) for n in m.lora_A}
+        unknown = sorted(set(scales) - loaded)
+        if unknown:
+            raise ValueError(f"no adapter named {unknown}; loaded: {sorted(loaded) or 'none'}")
+        _activate(t, {n: float(s) for n, s in scales.items()})
+
+
+# Fusing: peft's merge adds scale * B @ A into each base weight; then the LoRA wrapper itself leaves
+# the module tree (kept aside on the transformer), because even a merged peft layer costs a Python
+# call with checks per layer per step: ~25% of a 1024 px step on an H200, more than the matmuls saved.
 
 
 def is_fused(pipe_or_transformer) -> bool:
-    return any(m.merged for m in _lora_layers(_transformer(pipe_or_transformer)))
+    return bool(getattr(_transformer(pipe_or_transformer), "_pixart_fused", None))
 
 
 def _merge(t) -> None:
-    for module in _lora_layers(t):
-        if module.active_adapters and not module.merged:
+    if is_fused(t):
+        return
+    wrappers = {}
+    for path, module in list(t.named_modules()):
+        if not _is_lora_layer(module):
+            continue
+        if module.active_adapters:
             module.merge(adapter_names=list(module.active_adapters))
+        parent, _, child = path.rpartition(".")
+        setattr(t.get_submodule(parent) if parent else t, child, module.base_layer)
+        wrappers[path] = module
+    t._pixart_fused = wrappers
 
 
 def _unmerge(t) -> None:
-    for module in _lora_layers(t):
+    for path, module in (getattr(t, "_pixart_fused", None) or {}).items():
+        parent, _, child = path.rpartition(".")
+        setattr(t.get_submodule(parent) if parent else t, child, module)
+        module.to(module.base_layer.weight.device)  # kept aside, it missed any .to(device) since
         while module.merged:
             module.unmerge()
+    t._pixart_fused = None
+
+
+@contextlib.contextmanager
+def _unfolded(t):
+    """Within: adapters unfused (if they were), so they can change; after: fused again."""
+    fused = is_fused(t)
+    if fused:
+        _unmerge(t)
+    try:
+        yield
+    finally:
+        if fused:
+            _merge(t)
 
 
 def fuse_adapters(pipe_or_transformer) -> None:
-    """Fold the active adapters (at their scales) into the base weights: no LoRA matmuls per step.
-
-    Reversible with `unfuse_adapters` (exact up to float rounding: ~1e-7 relative in fp32, one bf16
-    ulp in bf16); `set_adapters` still works and refolds."""
+    """Fold the active adapters (at their scales) into the base weights: a step then costs what the
+    base model's does. Reversible with `unfuse_adapters` (exact up to float rounding: ~1e-7
+    relative in fp32, one ulp in bf16); `set_adapters` / `add_adapter` still work and refold."""
     _merge(_transformer(pipe_or_transformer))
 
 

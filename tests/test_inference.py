@@ -196,7 +196,7 @@ def test_switching_scales_needs_no_reload_and_switching_back_is_exact(pipe, tmp_
     assert {n: id(p) for n, p in t.named_parameters()} == params_before, "same tensors: nothing was reloaded"
 
 
-def test_fuse_and_unfuse_parity(pipe):
+def test_fuse_and_unfuse_parity(pipe, loras):
     t = pipe.transformer
     base_weights = {n: p.detach().clone() for n, p in t.named_parameters() if "base_layer" in n}
     try:
@@ -204,13 +204,21 @@ def test_fuse_and_unfuse_parity(pipe):
         unfused = forward(t)
         fuse_adapters(pipe)
         assert is_fused(pipe)
-        assert any(not torch.equal(p, base_weights[n]) for n, p in t.named_parameters() if n in base_weights)
+        assert type(t.transformer_blocks[0].attn1.to_q) is torch.nn.Linear, "no peft wrapper left to call per step"
+        fused_weights = dict(t.named_parameters())  # the plain layers' own names now: no .base_layer
+        assert any(not torch.equal(fused_weights[n.replace(".base_layer", "")], w) for n, w in base_weights.items())
         torch.testing.assert_close(forward(t), unfused, rtol=1e-4, atol=1e-5)
         set_adapters(pipe, {"adapter0": 0.5, "adapter1": 0.0})  # rescaling while fused: unfold, rescale, refold
         assert is_fused(pipe)
         fused_half = forward(t)
+        add_adapter(pipe, loras[1], "b-again", scale=0.5)  # adding and removing refold as well
+        assert is_fused(pipe) and (forward(t) - fused_half).abs().max() > 1e-4
+        remove_adapter(pipe, "b-again")
+        assert is_fused(pipe)
+        torch.testing.assert_close(forward(t), fused_half, rtol=1e-4, atol=1e-5)
         unfuse_adapters(pipe)
-        assert not is_fused(pipe)
+        assert not is_fused(pipe) and type(t.transformer_blocks[0].attn1.to_q).__name__ == "Linear"
+        assert hasattr(t.transformer_blocks[0].attn1.to_q, "lora_A"), "the peft layer is back"
         torch.testing.assert_close(forward(t), fused_half, rtol=1e-4, atol=1e-5)
         for n, p in t.named_parameters():
             if n in base_weights:
