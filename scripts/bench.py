@@ -359,7 +359,7 @@ def print_table(r: dict) -> None:
 def multi_gpu(args, work: Path) -> dict:
     """The LoRA and full recipes through `accelerate launch` on 1 and on 2 GPUs of this machine."""
     base = write_random_base(work / "base-1024", 128)
-    data = write_photos(work / "photos-1024", 64, 1024)
+    data = write_photos(work / "photos-1024", 4 * args.batch, 1024)
     steps = args.steps or 40
     out = {}
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -383,10 +383,46 @@ def multi_gpu(args, work: Path) -> dict:
     return out
 
 
+KERNEL_GROUPS = [  # substrings of CUDA kernel names -> what they are
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "softmax")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "wgmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("fused elementwise (triton)", ("triton",)),
+    ("elementwise / reduction (eager)", ("elementwise", "reduce", "vectorized", "unrolled", "copy", "fill")),
+]
+
+
+def profile_step(args, work: Path) -> dict:
+    """Where the GPU time of our LoRA recipe goes: a torch.profiler trace of a short trainer run,
+    CUDA kernel time grouped by kind. Compile warm-up adds little GPU time, so the steady steps dominate."""
+    from torch.profiler import ProfilerActivity, profile
+
+    base = write_random_base(work / "base-1024", 128)
+    data = write_photos(work / "photos-1024", 4 * args.batch, 1024)
+    overrides = [f"train.batch_size={args.batch}", "lora.rank=16", "lora.alpha=16", "model.weight_dtype=bf16",
+                 "data.t5_dtype=bf16", "train.mixed_precision=bf16", "data.resolution=1024", "train.compile=regional",
+                 "train.attention=cudnn"]  # fmt: skip
+    run_ours(base, data, work / "cache-1024", work, "profile-warm", overrides, 4)  # cache + compile outside the trace
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_ours(base, data, work / "cache-1024", work, "profile", overrides, 12)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        totals[group] = totals.get(group, 0.0) + event.device_time_total / 1e3  # ms
+    all_ms = sum(totals.values())
+    top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
+    result = {"share": {g: t / all_ms for g, t in sorted(totals.items(), key=lambda x: -x[1])},
+              "top_kernels_ms": {e.key[:90]: e.device_time_total / 1e3 for e in top}}  # fmt: skip
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny kit, seconds")
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
+    p.add_argument("--profile", action="store_true", help="GPU time of the LoRA step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
                    help="sections: cache lora full lora512 full512 memory baselines inference")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
@@ -395,8 +431,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="pixart-bench-"))
-    if args.multi_gpu:
-        results = multi_gpu(args, work)
+    if args.multi_gpu or args.profile:
+        results = {}
+        if args.profile:
+            results["profile"] = profile_step(args, work)
+        if args.multi_gpu:
+            results["multi_gpu"] = multi_gpu(args, work)
     else:
         results = run_sections(args, work)
         results["versions"] = versions()
