@@ -164,13 +164,16 @@ def add_adapter(pipe_or_transformer, lora, name: str, *, scale: float | None = 1
     """Load a LoRA (any format, local or Hub id) into the transformer under `name`, in place.
 
     The new adapter joins the active ones at `scale` (None: loaded but inactive). Returns its info."""
-    from .lora_formats import apply_lora
-
     t = _transformer(pipe_or_transformer)
     layers = _lora_layers(t) + list((getattr(t, "_pixart_fused", None) or {}).values())
     if any(name in m.lora_A for m in layers):
         raise ValueError(f"an adapter named {name!r} is already loaded; choose another name")
-    weights, info = read_adapter(lora, assume_alpha=assume_alpha)
+    return _inject(t, *read_adapter(lora, assume_alpha=assume_alpha), name, scale)
+
+
+def _inject(t, weights, info: dict, name: str, scale: float | None) -> dict:
+    from .lora_formats import apply_lora
+
     with _unfolded(t):  # a merged layer would ignore a new adapter: unfold, add, fold again
         known = getattr(t, "_pixart_adapters", {})
         modules = {n for n, _ in t.named_modules()}
@@ -369,7 +372,11 @@ def load_pipeline(
     device = device or ("cuda" if cuda else "cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if isinstance(dtype, str):
+        names = {**DTYPES, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype not in names:
+            raise ValueError(f"dtype {dtype!r}: use 'bf16' or 'fp32'")
+        dtype = names[dtype]
     if dtype == torch.float16:
         raise ValueError("fp16 gives NaNs in T5 and noise in PixArt (diffusers#7693); use bf16 or fp32")
     if cpu_offload and not (cuda and device.startswith("cuda")):
@@ -380,15 +387,16 @@ def load_pipeline(
     t5_quantization = None if t5_quantization == "none" else t5_quantization
     if scheduler:
         _scheduler_class(scheduler)  # a typo fails now, not after minutes of loading
+    # Adapters are read (and checked: files, formats, alphas) before minutes of base-model loading.
+    loaded = [(read_adapter(path, assume_alpha=assume_alpha), s) for path, s in _adapter_items(lora, scale)]
     folder = resolve_base(base)
     extra = {}
     if t5_quantization:  # T5-XXL is 19 GB in fp32; 8-bit ~5 GB, 4-bit ~3 GB. Computes in `dtype` (never fp16)
         extra["text_encoder"] = load_text_encoder(folder, dtype, t5_quantization)
     # dtype at load, never .to(dtype) afterwards: that bypasses T5's fp32-kept modules (diffusers#7693).
     pipe = PixArtAlphaPipeline.from_pretrained(folder, dtype=dtype, **extra)
-    items = _adapter_items(lora, scale)
-    for i, (path, s) in enumerate(items):
-        add_adapter(pipe.transformer, path, f"adapter{i}", scale=s, assume_alpha=assume_alpha)
+    for i, ((weights, info), s) in enumerate(loaded):
+        _inject(pipe.transformer, weights, info, f"adapter{i}", s)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
