@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base model (default: the one the adapter records)")
     p.add_argument("--pipeline", action="store_true", help="write a whole pipeline: merged transformer + the base's other parts")
     p.add_argument("--assume-alpha", type=_alpha, help=ASSUME_ALPHA_HELP)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="saved dtype (default: the base's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="saved dtype (default fp32, as diffusers loads the base)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_merge, friendly=True)
 

@@ -74,7 +74,7 @@ def merge_adapter(adapter, out, *, scale: float = 1.0, base: str | None = None, 
     """Fold the adapter into its base transformer at `scale` and save a diffusers transformer folder
     at `out` (or, with `pipeline`, a whole pipeline folder: the merged transformer/ next to the base's
     other components, loadable by `PixArtAlphaPipeline.from_pretrained(out)`). The merge is done in
-    fp32 and saved in the base's dtype unless `dtype` is given. Writes pixart_tune_merge.json beside."""
+    fp32 and saved in fp32 (how diffusers loads the base) unless `dtype` is given. Writes pixart_tune_merge.json beside."""
     from diffusers import PixArtTransformer2DModel
 
     from .merge import merge_lora_into_transformer
