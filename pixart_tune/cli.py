@@ -20,10 +20,16 @@ def _cache(args) -> None:
     from .config import load_config
     from .models import resolve_base
 
+    from accelerate import Accelerator
+
     cfg = load_config(args.recipe, args.overrides)
-    index = build_cache(cfg, resolve_base(cfg.model.base))
-    print(index.summary())
-    print(f"cache: {index.cache_dir}; skipped examples listed in {index.cache_dir / 'skipped.jsonl'}")
+    acc = Accelerator()  # under `accelerate launch`, each process encodes its share
+    index = build_cache(cfg, resolve_base(cfg.model.base), acc.device, show_progress=acc.is_main_process,
+                        rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
+                        verify=args.verify)  # fmt: skip
+    if acc.is_main_process:
+        print(index.summary())
+        print(f"cache: {index.cache_dir}; skipped examples listed in {index.cache_dir / 'skipped.jsonl'}")
 
 
 def _tiny_model(args) -> None:
@@ -126,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="build or update the feature cache of a recipe, and print counts")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--verify", action="store_true", help="check every cached file's checksum; re-encode damaged ones")
     p.set_defaults(func=_cache)
 
     p = sub.add_parser("tiny-model", help="write the embedded tiny PixArt to a folder in the Hub layout")
@@ -205,16 +212,33 @@ def _one_line(exc: BaseException, limit: int = 800) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _training_errors() -> tuple[type[Exception], ...]:
+    """Errors of `train` / `cache` that are about the user's input or run, not bugs: one line each."""
+    from .checkpoint import CheckpointError
+    from .data.captions import CaptionCleaningUnavailable
+    from .data.sources import DataError
+    from .features import CacheCorruptedError
+    from .lora import LoraTargetError
+    from .models import BaseModelError
+    from .trainer import NonFiniteLoss
+
+    return (CheckpointError, DataError, CacheCorruptedError, LoraTargetError, BaseModelError, NonFiniteLoss,
+            CaptionCleaningUnavailable, FileNotFoundError)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # User errors (missing files, unknown formats, missing alpha, bad sizes) end in one line, no
     # traceback; PIXART_TUNE_TRACEBACK=1 shows the traceback anyway.
-    user_errors = (ValueError, OSError, ImportError) if getattr(args, "friendly", False) else ()
+    user_errors = (ValueError, OSError, ImportError) if getattr(args, "friendly", False) else _training_errors()
     try:
         args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # train saves a checkpoint first (TrainingInterrupted says where)
+        print(f"\n{exc or 'interrupted'}", file=sys.stderr)
+        return 130
     except user_errors as exc:
         if os.environ.get("PIXART_TUNE_TRACEBACK") == "1":
             raise

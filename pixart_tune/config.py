@@ -52,11 +52,12 @@ class DataConfig(_Section):
     clean_caption: bool = False  # PixArt's caption cleaning (needs bs4 + ftfy); same at cache and inference
     max_tokens: int = Field(120, ge=1)
     random_crop: bool = False
+    crop_variants: int = Field(1, ge=1)  # with random_crop: crops cached per image, each a training item
     flip: bool = False
     on_error: Literal["skip", "error"] = "skip"
     cache_dir: str | None = None  # default: <data.path>/.pixart_tune_cache (or under output_dir for Hub data)
     encode_batch_size: int = Field(8, ge=1)
-    num_workers: int = Field(0, ge=0)  # image-decoding worker processes while caching
+    num_workers: int = Field(4, ge=0)  # image-decoding worker processes while caching (0 = in process)
     t5_dtype: Literal["fp32", "bf16"] = "fp32"  # never fp16: T5 overflows in fp16
     t5_quantization: Literal["none", "8bit", "4bit"] = "none"
 

@@ -206,8 +206,9 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
 
     # Features: built once (on the main process), then reused by every rank and later runs.
     base = resolve_base(cfg.model.base)
-    with accelerator.main_process_first():
-        index = build_cache(cfg, base, accelerator.device, show_progress=show_progress and main)
+    # Every rank encodes its share of what is missing, then all read the same index from disk.
+    index = build_cache(cfg, base, accelerator.device, show_progress=show_progress and main, rank=rank,
+                        world_size=world, barrier=accelerator.wait_for_everyone)  # fmt: skip
     if main:
         print(index.summary())
     if not index.records:
