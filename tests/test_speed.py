@@ -1,0 +1,59 @@
+"""The speed switches keep the numerics: each fast path against the plain path on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_home, tmp_path_factory):
+    from pixart_tune.cache import build_cache
+    from pixart_tune.config import load_config
+    from pixart_tune.features import CachedFeatures, collate
+    from pixart_tune.models import resolve_base
+    from pixart_tune.trainer import prepare_model
+
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = load_config(REPO / "recipes" / "tiny-lora.yaml", [f"data.cache_dir={cache}", "lora.dropout=0"])
+    base = resolve_base(cfg.model.base)
+    features = CachedFeatures(build_cache(cfg, base, show_progress=False))
+    same = [i for i, b in enumerate(features.buckets) if b == features.buckets[0]][:2]
+    batch = collate([features[i] for i in same])
+    model, transformer = prepare_model(cfg, base)
+    # Give the LoRA non-zero B so the adapter path is exercised too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return cfg, base, features, batch, model, transformer
+
+
+def _loss(setup, attention="auto", model=None):
+    from pixart_tune.trainer import LossFn, sample_generators
+
+    cfg, base, features, batch, default_model, transformer = setup
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.attention = attention
+    fn = LossFn(cfg, base, transformer, features.null, "cpu")
+    with torch.no_grad():
+        return fn(model or default_model, batch, sample_generators(0, 3, 0, 0, 2, "cpu"))
+
+
+@pytest.mark.parametrize("attention", ["math", "cudnn", "flash", "efficient"])
+def test_attention_preference_keeps_the_loss(setup, attention):
+    # On a CPU the preferred kernel may not exist: SDPA then falls back along our priority list.
+    torch.testing.assert_close(_loss(setup, attention), _loss(setup, "auto"), rtol=1e-5, atol=1e-6)
+
+
+def test_regional_compile_keeps_the_loss(setup):
+    import copy
+
+    from pixart_tune.speed import apply_compile, transformer_blocks
+
+    cfg, base, features, batch, model, transformer = setup
+    compiled = apply_compile(copy.deepcopy(model), "regional")
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(compiled))
+    torch.testing.assert_close(_loss(setup, model=compiled), _loss(setup), rtol=1e-4, atol=1e-5)
