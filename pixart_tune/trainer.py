@@ -165,7 +165,8 @@ def _save_final(model, run_dir: Path, method: str, ema) -> Path:
             ema.swap()
         tmp = run_dir / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
+        extra = {"save_embedding_layers": False} if method == "lora" else {}  # no embeddings are adapted
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
         shutil.rmtree(run_dir / name, ignore_errors=True)
         os.replace(tmp, run_dir / name)
         if ema is not None and use_ema:
