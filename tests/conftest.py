@@ -35,3 +35,29 @@ def tiny_base(tiny_home) -> Path:
     from pixart_tune.tiny import embedded_tiny_path
 
     return embedded_tiny_path()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine threads cost ~5x.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_forward(transformer, seed: int = 1, width: int = 16) -> torch.Tensor:
+    """One forward pass of a tiny transformer on fixed random inputs: latents (2, 4, 16, width), 7 caption
+    tokens (the second caption padded), 1024-MS micro-conditions matching the latent size."""
+    g = torch.Generator().manual_seed(seed)
+    height_px, width_px = 16 * 8.0, width * 8.0
+    with torch.no_grad():
+        return transformer(
+            hidden_states=torch.randn(2, 4, 16, width, generator=g),
+            encoder_hidden_states=torch.randn(2, 7, 32, generator=g),
+            timestep=torch.tensor([10, 700]),
+            encoder_attention_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
+            added_cond_kwargs={"resolution": torch.tensor([[height_px, width_px]] * 2),
+                               "aspect_ratio": torch.tensor([[height_px / width_px]] * 2)},
+        ).sample  # fmt: skip

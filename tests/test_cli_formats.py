@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_forward
 from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 from diffusers.loaders import PeftAdapterMixin
 from peft import LoraConfig, get_peft_model
@@ -24,12 +24,7 @@ from pixart_tune.inference import add_adapter
 from pixart_tune.lora_formats import load_lora
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +46,7 @@ def run(tiny_base, plain, tmp_path_factory):
 
 
 def forward(transformer, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        return transformer(
-            hidden_states=torch.randn(2, 4, 16, 16, generator=g),
-            encoder_hidden_states=torch.randn(2, 7, 32, generator=g),
-            timestep=torch.tensor([10, 700]),
-            encoder_attention_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
-            added_cond_kwargs={"resolution": torch.tensor([[128.0, 128.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)},
-        ).sample
+    return tiny_forward(transformer, seed)
 
 
 def with_adapter(plain, adapter, scale=1.0, **kw):

@@ -24,13 +24,7 @@ STYLES = {"1024": TINY_TRANSFORMER, "512": {**TINY_TRANSFORMER, "sample_size": 6
 TINY_HEADS = {"num_attention_heads": 3, "attention_head_dim": 16}  # a head count is not in the weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine threads cost ~5x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(style="1024", seed=0):

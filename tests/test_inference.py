@@ -34,16 +34,12 @@ from pixart_tune.inference import (
 )
 from pixart_tune.lora_formats import Lora, MissingAlphaError, load_lora, save_lora
 
+from conftest import tiny_forward
+
 SMALL = {"height": 64, "width": 64, "steps": 2, "resolution_binning": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine threads cost ~5x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_lora(base_dir, out, targets, seed) -> str:
@@ -75,15 +71,7 @@ def pipe(tiny_base, loras):
 
 
 def forward(transformer, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        return transformer(
-            hidden_states=torch.randn(2, 4, 16, 24, generator=g),
-            encoder_hidden_states=torch.randn(2, 7, 32, generator=g),
-            timestep=torch.tensor([10, 700]),
-            encoder_attention_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
-            added_cond_kwargs={"resolution": torch.tensor([[128.0, 192.0]] * 2), "aspect_ratio": torch.tensor([[2 / 3]] * 2)},
-        ).sample
+    return tiny_forward(transformer, seed, width=24)
 
 
 def pixels(path) -> torch.Tensor:

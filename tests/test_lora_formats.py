@@ -26,30 +26,18 @@ from pixart_tune.lora_formats import (
 )
 from pixart_tune.tiny import TINY_TRANSFORMER
 
+from conftest import tiny_forward
+
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 PATTERNS = {"rank_pattern": {"^transformer_blocks.1.ff.net.2": 2}, "alpha_pattern": {"to_k": 3.0}}
 BASE_ID = "PixArt-alpha/PixArt-XL-2-1024-MS"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine threads cost ~5x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def forward(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        return model(
-            hidden_states=torch.randn(2, 4, 16, 16, generator=g),
-            encoder_hidden_states=torch.randn(2, 7, 32, generator=g),
-            timestep=torch.tensor([10, 700]),
-            encoder_attention_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
-            added_cond_kwargs={"resolution": torch.tensor([[128.0, 128.0]] * 2), "aspect_ratio": torch.tensor([[1.0]] * 2)},
-        ).sample
+    return tiny_forward(model, seed)
 
 
 @pytest.fixture(scope="module")
