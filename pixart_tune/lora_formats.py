@@ -92,6 +92,12 @@ class Lora:
     def alpha_pattern(self) -> dict[str, float]:
         return {m: a for m, a in self.alphas.items() if a != self.alpha}
 
+    def with_unit_scale(self) -> "Lora":
+        """The same LoRA with each alpha/r folded into B and alpha = r: identical outputs, and
+        correct in loaders that ignore alpha (they apply B @ A at scale 1)."""
+        layers = {m: (a, b * self.scale_of(m)) for m, (a, b) in self.layers.items()}
+        return Lora(layers, {m: float(self.rank_of(m)) for m in self.layers})
+
 
 # ---- peft bridge -------------------------------------------------------------------------------
 
@@ -194,6 +200,10 @@ def save_lora(path, lora: Lora, *, format: str, base_model: str | None = None, t
     if format not in FORMATS:
         raise ValueError(f"unknown LoRA format {format!r}; choose one of {FORMATS}")
     path = Path(path)
+    if format == "diffusers":
+        # ComfyUI and diffusers (given a file path) skip the header and apply scale 1 = alpha/r only
+        # when alpha == r; folding alpha/r into B makes the file's strength right in every loader.
+        lora = lora.with_unit_scale()
     config = lora_to_peft_config(lora, target_modules=target_modules, base_model=base_model)
     ours = {PIXART_META_KEY: json.dumps({"format": format, "rank": lora.rank, "alpha": lora.alpha, "base_model": base_model})}
     if format == "peft":

@@ -70,8 +70,10 @@ def test_export_import_apply_round_trip(tmp_path, base, adapted, fmt):
     target = tmp_path / ("lora.safetensors" if fmt == "kohya" else "out")
     written = save_lora(target, lora, format=fmt, base_model=BASE_ID)
     loaded, info = load_lora(target)
-    assert (info["format"], info["rank"], info["alpha"], info["alpha_assumed"]) == (fmt, 4, 8.0, False)
-    assert info["base_model"] == BASE_ID and loaded.alphas == lora.alphas
+    # A diffusers file carries alpha/r folded into B (alpha = rank): same outputs, right in every loader.
+    alpha, saved = (4.0, lora.with_unit_scale()) if fmt == "diffusers" else (8.0, lora)
+    assert (info["format"], info["rank"], info["alpha"], info["alpha_assumed"]) == (fmt, 4, alpha, False)
+    assert info["base_model"] == BASE_ID and loaded.alphas == saved.alphas
     torch.testing.assert_close(forward(fresh_with(base, loaded)), expected, atol=1e-6, rtol=0)
     assert load_lora(written)[1]["format"] == fmt  # the file itself is recognised as well as its folder
 
@@ -84,7 +86,7 @@ def test_diffusers_file_loads_through_diffusers_own_loader(tmp_path, base, adapt
     save_lora(tmp_path, lora_from_peft_model(model), format="diffusers")
     with safe_open(str(tmp_path / DIFFUSERS_FILE), framework="pt") as f:
         meta = json.loads(f.metadata()[LORA_ADAPTER_METADATA_KEY])
-    assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 8
+    assert meta["transformer.r"] == 4 and meta["transformer.lora_alpha"] == 4  # alpha/r folded into B
     theirs = T.from_config(base.config).eval()
     theirs.load_state_dict(base.state_dict())
     theirs.load_lora_adapter(str(tmp_path), weight_name=DIFFUSERS_FILE, prefix="transformer")
@@ -164,3 +166,20 @@ def test_per_module_values_become_patterns():
     assert config.rank_pattern == {"^transformer_blocks.0.attn1.to_k": 2} and config.alpha_pattern == {"^proj_out": 1.0}
     with pytest.raises(ValueError, match="disagree on the rank"):
         Lora({"x": (torch.zeros(4, 8), torch.zeros(8, 2))}, {"x": 1.0})
+
+
+def test_diffusers_file_is_right_even_where_alpha_is_ignored(tmp_path):
+    """ComfyUI and diffusers given a bare file path apply B @ A at scale 1: the file must not need alpha."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    layers = {"transformer_blocks.0.attn1.to_q": (torch.randn(4, 48), torch.randn(48, 4))}
+    lora = Lora(layers, {"transformer_blocks.0.attn1.to_q": 8.0})  # scale 2
+    path = save_lora(tmp_path / "x.safetensors", lora, format="diffusers")
+    raw = load_file(str(path))
+    a, b = raw["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"], raw["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"]
+    torch.testing.assert_close(b @ a, 2.0 * layers["transformer_blocks.0.attn1.to_q"][1] @ layers["transformer_blocks.0.attn1.to_q"][0])
+    again, info = load_lora(path)
+    assert info["alpha"] == info["rank"] == 4
+    torch.testing.assert_close(again.scale_of("transformer_blocks.0.attn1.to_q") * again.layers["transformer_blocks.0.attn1.to_q"][1],
+                               2.0 * layers["transformer_blocks.0.attn1.to_q"][1])  # fmt: skip
