@@ -44,25 +44,14 @@ def resolve_base(base: str) -> str:
 
 
 def component_identity(base: str, component: str, revision: str | None = None) -> str:
-    """A short fingerprint of one component, used in cache keys: what it is and which weights.
-
-    Local folders: the config plus the names and sizes of the weight files (hashing 19 GB of T5
-    weights on every run would cost more than the cache saves). Hub ids: id, revision and config.
-    """
+    """A short fingerprint of one component of a LOCAL base folder: its configs plus the names and
+    sizes of its weight files (cache/keys.py adds sampled weight bytes, and handles Hub ids)."""
     h = hashlib.sha256(f"{component}|{revision}".encode())
-    folder = Path(base) / component
-    if folder.is_dir():
-        for f in sorted(folder.iterdir()):
-            if f.suffix == ".json":
-                h.update(f.name.encode() + f.read_bytes())
-            elif f.is_file():
-                h.update(f"{f.name}:{f.stat().st_size}".encode())
-    else:
-        from huggingface_hub import hf_hub_download
-
-        cfg = "scheduler_config.json" if component == "scheduler" else "config.json"
-        h.update(base.encode())
-        h.update(Path(hf_hub_download(base, cfg, subfolder=component, revision=revision)).read_bytes())
+    for f in sorted((Path(base) / component).iterdir()):
+        if f.suffix == ".json":
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.is_file():
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
 
 
