@@ -16,11 +16,11 @@ def _train(args) -> None:
 
 
 def _cache(args) -> None:
+    from accelerate import Accelerator
+
     from .cache import build_cache
     from .config import load_config
     from .models import resolve_base
-
-    from accelerate import Accelerator
 
     cfg = load_config(args.recipe, args.overrides)
     acc = Accelerator()  # under `accelerate launch`, each process encodes its share

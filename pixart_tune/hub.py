@@ -207,7 +207,7 @@ def _diffusers_file(adapter: Path, base: str | None, out_dir: Path) -> Path | No
         path = save_lora(out_dir / DIFFUSERS_FILE, lora, format="diffusers", base_model=base,
                          target_modules=info.get("target_modules"))  # fmt: skip
     except ValueError as exc:  # DoRA / LoRA-bias adapters: only the PEFT folder describes them
-        warnings.warn(f"{adapter}: no {DIFFUSERS_FILE} uploaded ({exc}); the PEFT adapter is complete on its own")
+        warnings.warn(f"{adapter}: no {DIFFUSERS_FILE} uploaded ({exc}); the PEFT adapter is complete on its own", stacklevel=2)
         return None
     _sort_safetensors_metadata(path)
     return path

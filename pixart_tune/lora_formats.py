@@ -67,7 +67,7 @@ class Lora:
                 raise ValueError(f"{m}: A {tuple(a.shape)} and B {tuple(b.shape)} disagree on the rank")
 
     @classmethod
-    def uniform(cls, layers: dict, alpha: float) -> "Lora":
+    def uniform(cls, layers: dict, alpha: float) -> Lora:
         return cls(dict(layers), {m: float(alpha) for m in layers})
 
     def rank_of(self, m: str) -> int:
@@ -92,7 +92,7 @@ class Lora:
     def alpha_pattern(self) -> dict[str, float]:
         return {m: a for m, a in self.alphas.items() if a != self.alpha}
 
-    def with_unit_scale(self) -> "Lora":
+    def with_unit_scale(self) -> Lora:
         """The same LoRA with each alpha/r folded into B and alpha = r: identical outputs, and
         correct in loaders that ignore alpha (they apply B @ A at scale 1)."""
         layers = {m: (a, b * self.scale_of(m)) for m, (a, b) in self.layers.items()}

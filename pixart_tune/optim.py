@@ -28,7 +28,7 @@ def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.op
         from prodigyopt import Prodigy
 
         if t.lr < 0.1:
-            warnings.warn(f"Prodigy estimates the step size itself; train.lr is a multiplier, usually 1.0 (got {t.lr})")
+            warnings.warn(f"Prodigy estimates the step size itself; train.lr is a multiplier, usually 1.0 (got {t.lr})", stacklevel=2)
         return Prodigy(params, lr=t.lr, weight_decay=t.weight_decay, safeguard_warmup=t.warmup_steps > 0)
     raise ValueError(f"train.optimizer {t.optimizer!r} is not available")
 

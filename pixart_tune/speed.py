@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch._dynamo
 from torch import nn
 
 _BACKENDS = {
@@ -34,8 +35,6 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
 def apply_compile(model: nn.Module, mode: str) -> nn.Module:
     """'none' | 'regional' (each block, in place) | 'full' (the whole model). Returns the model to call."""
     if mode != "none":
-        import torch._dynamo
-
         # Every aspect-ratio bucket is a new shape; the default limit (8) would fall back to eager.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if mode == "regional":

@@ -121,7 +121,12 @@ def train_tiny_spiece_model() -> bytes:
 
 def build_tiny_pipeline(seed: int = 0):
     """Build the tiny PixArtAlphaPipeline in memory (random init, deterministic from `seed`)."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtTransformer2DModel,
+    )
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

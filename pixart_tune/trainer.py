@@ -191,7 +191,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     t = cfg.train
     run_dir = Path(cfg.output_dir)
     if t.mixed_precision == "fp16":
-        warnings.warn("fp16 trains with loss scaling but PixArt is prone to overflow in fp16; prefer bf16")
+        warnings.warn("fp16 trains with loss scaling but PixArt is prone to overflow in fp16; prefer bf16", stacklevel=2)
     tensorboard = t.log_with == "tensorboard"
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,

@@ -202,12 +202,7 @@ def run_plain(base: Path, method: str, resolution: int, batch: int, steps: int, 
         step()
     sync()
     rate = batch * steps / (time.perf_counter() - started)
-    result = {"samples_per_s": rate, "peak_gib": peak_gib()}
-    del model, transformer, opt
-    if encoders:
-        del vae, t5
-    free()
-    return result
+    return {"samples_per_s": rate, "peak_gib": peak_gib()}  # the models go with this frame
 
 
 # ---------------------------------------------------------------------------------------------

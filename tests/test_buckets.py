@@ -7,7 +7,10 @@ import random
 import numpy as np
 import pytest
 from diffusers.image_processor import PixArtImageProcessor
-from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
+from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
+    ASPECT_RATIO_512_BIN,
+    ASPECT_RATIO_1024_BIN,
+)
 from PIL import Image
 
 from pixart_tune.data.buckets import (

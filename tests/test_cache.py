@@ -17,7 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pixart_tune.cache import CacheKeys, build_cache, read_features, read_header, variants
+from pixart_tune.cache import (
+    CacheKeys,
+    build_cache,
+    read_features,
+    read_header,
+    variants,
+)
 from pixart_tune.config import load_config
 from pixart_tune.data.buckets import bucket_table, extreme_ratio_reason, fit_to_bucket
 from pixart_tune.data.sources import DataError
@@ -204,7 +210,7 @@ def test_random_crop_variants_are_reproducible_and_keyed_by_the_image(tmp_path):
     assert first["reason"] is None and first["size"] == (200, 300)
     hw = bucket_table(256)[first["bucket"]]
     by_key = {k: (p, m) for k, p, m in first["items"]}
-    for (k, p, m), (_, p2, m2) in zip(first["items"], again["items"]):
+    for (_, p, m), (_, p2, m2) in zip(first["items"], again["items"]):
         assert torch.equal(p, p2) and m == m2, "the same crops on every run"
     offsets = {by_key[f"k{c}0"][1]["crop_top_left"] for c in (0, 1, 2)}
     assert len(offsets) > 1, "different crop indices give different crops"

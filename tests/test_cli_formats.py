@@ -23,7 +23,6 @@ from pixart_tune.convert import diffusers_to_original
 from pixart_tune.inference import add_adapter
 from pixart_tune.lora_formats import load_lora
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pixart_tune.data.captions import CaptionCleaningUnavailable, caption_processing_id, process_caption
+from pixart_tune.data.captions import (
+    CaptionCleaningUnavailable,
+    caption_processing_id,
+    process_caption,
+)
 
 
 def pipeline_text(text: str, clean: bool) -> str:

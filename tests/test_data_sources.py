@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pixart_tune.data.examples import Example, FileBytes, InlineBytes, Skipped, TarMemberBytes
+from pixart_tune.data.examples import (
+    Example,
+    FileBytes,
+    InlineBytes,
+    Skipped,
+    TarMemberBytes,
+)
 from pixart_tune.data.images import BadImage, load_image
 from pixart_tune.data.sources import DataError, detect_source, iter_source
 

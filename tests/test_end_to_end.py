@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 
 RECIPE = REPO / "recipes" / "tiny-lora.yaml"
 FAST = ["train.steps=30", "train.log_every=1"]

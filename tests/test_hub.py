@@ -12,11 +12,11 @@ import shutil
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from hub_server import HubServer, front_matter, point_client_at
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO
 from pixart_tune.hub import HubError, model_card, push_to_hub
 
 WRITE = "hf_loopbackWRITEtoken0123456789"  # unique strings, so a leak is found by a plain search
@@ -269,7 +269,11 @@ def test_card_licence_and_base_model_follow_the_base(base, licence, has_base_mod
 
 def test_loopback_hub_speaks_the_hub_errors(client):
     from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     api = HfApi(token=WRITE)
     api.create_repo("user/errors")

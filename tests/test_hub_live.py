@@ -14,7 +14,6 @@ import uuid
 
 import pytest
 import torch
-
 from conftest import REPO
 
 pytestmark = [

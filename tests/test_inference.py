@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_forward
 from diffusers import PixArtTransformer2DModel
 from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -33,8 +34,6 @@ from pixart_tune.inference import (
     unfuse_adapters,
 )
 from pixart_tune.lora_formats import Lora, MissingAlphaError, load_lora, save_lora
-
-from conftest import tiny_forward
 
 SMALL = {"height": 64, "width": 64, "steps": 2, "resolution_binning": False}
 

@@ -6,9 +6,15 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_forward
 from diffusers import PixArtTransformer2DModel
 from diffusers.loaders import PeftAdapterMixin
-from peft import LoraConfig, PeftModel, get_peft_model_state_dict, inject_adapter_in_model
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -25,8 +31,6 @@ from pixart_tune.lora_formats import (
     save_lora,
 )
 from pixart_tune.tiny import TINY_TRANSFORMER
-
-from conftest import tiny_forward
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 PATTERNS = {"rank_pattern": {"^transformer_blocks.1.ff.net.2": 2}, "alpha_pattern": {"to_k": 3.0}}

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_forward
 from diffusers import PixArtTransformer2DModel
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -11,8 +12,6 @@ from peft.tuners.lora import LoraLayer
 from pixart_tune.lora_formats import lora_from_peft_model, save_lora
 from pixart_tune.merge import merge_lora_into_transformer, merge_lora_to_folder
 from pixart_tune.tiny import TINY_TRANSFORMER
-
-from conftest import tiny_forward
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "pos_embed.proj"]  # + a Conv2d
 

@@ -24,8 +24,8 @@ def test_hub_layout(tiny_base):
 def test_deterministic_from_seed(tmp_path):
     a, b = build_tiny_pipeline(0), build_tiny_pipeline(0)
     c = build_tiny_pipeline(1)
-    for (name, pa), (_, pb), (_, pc) in zip(
-        a.transformer.state_dict().items(), b.transformer.state_dict().items(), c.transformer.state_dict().items()
+    for (name, pa), (_, pb) in zip(
+        a.transformer.state_dict().items(), b.transformer.state_dict().items()
     ):
         assert torch.equal(pa, pb), name
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.transformer.parameters(), c.transformer.parameters()))

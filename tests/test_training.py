@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import REPO
 
 RECIPE = REPO / "recipes" / "tiny-lora.yaml"
 

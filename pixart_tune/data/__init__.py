@@ -5,7 +5,12 @@ shape each image for PixArt -> BucketBatchSampler groups same-bucket samples int
 See data/README.md for the accepted layouts and rules. Nothing here imports a model.
 """
 
-from pixart_tune.data.buckets import assign_bucket, bucket_table, fit_to_bucket, micro_conditions
+from pixart_tune.data.buckets import (
+    assign_bucket,
+    bucket_table,
+    fit_to_bucket,
+    micro_conditions,
+)
 from pixart_tune.data.captions import caption_processing_id, process_caption
 from pixart_tune.data.examples import Example, Skipped
 from pixart_tune.data.images import BadImage, load_image

@@ -22,7 +22,14 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from PIL import Image
 
-from pixart_tune.data.examples import Example, FileBytes, ImageBytes, InlineBytes, Skipped, TarMemberBytes
+from pixart_tune.data.examples import (
+    Example,
+    FileBytes,
+    ImageBytes,
+    InlineBytes,
+    Skipped,
+    TarMemberBytes,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CACHE_DIR_NAME = ".pixart_tune_cache"  # the feature cache lives inside the dataset folder by default
@@ -324,7 +331,7 @@ def _read_metadata_text(meta: Path) -> str:
     try:
         return meta.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(str(meta), f"not UTF-8 text (bad byte at position {e.start})", hint="Re-save it as UTF-8.")
+        raise DataError(str(meta), f"not UTF-8 text (bad byte at position {e.start})", hint="Re-save it as UTF-8.") from None
 
 
 def _caption_value(row: dict, caption_column: str) -> object:
