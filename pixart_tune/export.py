@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .inference import read_adapter, recorded_base, resolve_adapter
+from .adapters import read_adapter, recorded_base, resolve_adapter
 from .tiny import EMBEDDED_TINY
 
 SUFFIXES = {"peft": "", "diffusers": ".safetensors", "kohya": ".safetensors"}

@@ -16,19 +16,13 @@ import hashlib
 import io
 import json
 import os
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
-
-from PIL import Image
 
 from pixart_tune.data.examples import (
     Example,
     FileBytes,
-    ImageBytes,
-    InlineBytes,
     Skipped,
-    TarMemberBytes,
 )
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -101,8 +95,12 @@ def _reader(text: str, kind: str, image_column: str, caption_column: str, split:
     if kind == "metadata":
         return _read_metadata(Path(text), caption_column)
     if kind == "hf":
-        return _read_hf(text, image_column, caption_column, split)
-    return _read_webdataset(text)
+        from .source_hf import read_hf
+
+        return read_hf(text, image_column, caption_column, split)
+    from .source_tar import read_webdataset
+
+    return read_webdataset(text)
 
 
 def _checked(text: str, kind: str, items: Iterable[Example | Skipped], on_error: str) -> Iterator[Example | Skipped]:
@@ -360,193 +358,3 @@ def _inside_root(root: Path, file_name: str) -> tuple[str, Path]:
     if not _is_image_name(path.name):
         raise _Problem(f"not an image type ({path.suffix or 'no extension'}); accepted: {', '.join(IMAGE_EXTENSIONS)}")
     return relative.as_posix(), path
-
-
-# ---------------------------------------------------------------------------------------------
-# hf: Hugging Face datasets (save_to_disk folder, parquet, Hub id)
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_hf(path: str, image_column: str, caption_column: str, split: str) -> Iterator[Example | Skipped]:
-    """One sample per row; key is '<split>/<row index, 8 digits>'."""
-    dataset, root = _load_hf(path, split)
-    columns = dataset.column_names
-    if image_column not in columns:
-        raise DataError(path, f"no image column {image_column!r} (columns: {columns})", hint="Set data.image_column.")
-    if caption_column not in columns and caption_column == "text" and "caption" in columns:
-        caption_column = "caption"
-    if caption_column not in columns:
-        raise DataError(
-            path, f"no caption column {caption_column!r} (columns: {columns})", hint="Set data.caption_column."
-        )
-    dataset = _undecoded_images(dataset.select_columns([image_column, caption_column]), image_column)
-    for index, row in enumerate(dataset):
-        origin = f"{path} [{split}] row {index}"
-        try:
-            image = _hf_image_bytes(row[image_column], root)
-            caption = _checked_caption(row[caption_column], f"caption ({caption_column})")
-        except _Problem as p:
-            yield Skipped(origin, p.reason)
-            continue
-        yield Example(key=f"{split}/{index:08d}", caption=caption, origin=origin, image=image)
-
-
-def _load_hf(path: str, split: str):
-    """(datasets.Dataset, folder for relative image paths or None) for a local or Hub dataset."""
-    import datasets  # lazy: importing datasets costs about a second
-
-    p = Path(path)
-    if p.is_dir() and any((p / name).is_file() for name in HF_SAVED_MARKERS):
-        loaded = datasets.load_from_disk(str(p))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise DataError(path, f"no split {split!r} (splits: {list(loaded)})", hint="Set data.split.")
-            loaded = loaded[split]
-        return loaded, p
-    if p.exists():
-        files = [p] if p.is_file() else sorted(p.glob("*.parquet"))
-        if not files or any(f.suffix.lower() != ".parquet" for f in files):
-            raise DataError(path, "not a save_to_disk folder nor parquet file(s)", hint=LAYOUTS)
-        loaded = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
-        return loaded, p if p.is_dir() else p.parent
-    # Not on disk: a Hub dataset id such as "user/my-photos" (downloaded into the HF cache).
-    return datasets.load_dataset(path, split=split), None
-
-
-def _undecoded_images(dataset, image_column: str):
-    """Ask `datasets` for the stored bytes rather than decoded PIL images (faster; bytes are hashed)."""
-    import datasets
-
-    feature = dataset.features[image_column]
-    if isinstance(feature, datasets.Image) and feature.decode:
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    return dataset
-
-
-def _hf_image_bytes(value: object, root: Path | None) -> ImageBytes:
-    """Image bytes from a {'bytes','path'} dict, raw bytes, a path string or a PIL image."""
-    if value is None:
-        raise _Problem("no image in this row")
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return InlineBytes(value["bytes"])
-        if value.get("path"):
-            return _hf_file(value["path"], root)
-        raise _Problem("image entry holds neither bytes nor a path")
-    if isinstance(value, bytes | bytearray):
-        return InlineBytes(bytes(value))
-    if isinstance(value, str):
-        return _hf_file(value, root)
-    if isinstance(value, Image.Image):
-        # Re-encoded losslessly: the original encoded bytes are gone once a PIL image was built.
-        buffer = io.BytesIO()
-        value.save(buffer, format="PNG")
-        return InlineBytes(buffer.getvalue())
-    raise _Problem(f"image value of type {type(value).__name__} is not an image, bytes or path")
-
-
-def _hf_file(path_text: str, root: Path | None) -> FileBytes:
-    """An image path from a dataset row; relative paths are taken from the dataset's folder."""
-    path = Path(path_text)
-    if not path.is_absolute() and root is not None:
-        path = root / path
-    if not path.is_file():
-        raise _Problem(f"image file not found: {path}")
-    return FileBytes(str(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# webdataset: tar shards of <base>.<ext> members
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_webdataset(path: str) -> Iterator[Example | Skipped]:
-    """Samples from every shard in order; each shard is streamed, never extracted."""
-    for shard in _shard_paths(path):
-        try:
-            for base, members in _grouped_members(shard):
-                yield _tar_sample(shard, base, members)
-        except (tarfile.TarError, OSError) as e:
-            yield Skipped(str(shard), f"unreadable tar shard ({e}); the rest of this shard is skipped")
-
-
-def _shard_paths(path: str) -> list[Path]:
-    """The shards named by a .tar path, a folder of shards, or a glob such as 'shards/*.tar'."""
-    p = Path(path)
-    if "{" in path and not p.exists():
-        raise DataError(path, "brace patterns such as {000..009} are not supported", hint="Use a glob or a folder.")
-    if p.is_dir():
-        shards = sorted(f for f in p.iterdir() if f.is_file() and _is_tar_name(f.name))
-    elif p.exists():
-        shards = [p]
-    else:
-        shards = sorted(Path(m) for m in glob.glob(path) if _is_tar_name(m))
-    if not shards:
-        raise FileNotFoundError(f"no .tar shards found at {path}\n{LAYOUTS}")
-    return shards
-
-
-def _grouped_members(shard: Path) -> Iterator[tuple[str, dict[str, object]]]:
-    """(base, {ext: payload}) per sample; WebDataset keeps a sample's members next to each other."""
-    compressed = _is_compressed(shard)
-    # Plain tars are opened seekable so image members can be referenced by byte range; compressed
-    # ones can only be streamed, so their image bytes are read into memory as we pass them.
-    with tarfile.open(shard, "r|*" if compressed else "r:") as tar:
-        base, members = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_base, ext = _split_member_name(member.name)
-            if member_base is None:
-                continue
-            if member_base != base and members:
-                yield base, members
-                members = {}
-            base = member_base
-            members[ext.lower()] = _member_payload(tar, member, shard, ext, compressed)
-        if members:
-            yield base, members
-
-
-def _split_member_name(name: str) -> tuple[str | None, str]:
-    """WebDataset rule: the base runs up to the first dot of the file name ('a/b.seg.png' -> 'a/b', 'seg.png')."""
-    folder, _, filename = name.rpartition("/")
-    if filename.startswith(".") or "." not in filename:
-        return None, ""  # hidden files (e.g. macOS '._x') and extension-less members carry no sample
-    stem, _, ext = filename.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext
-
-
-def _member_payload(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: Path, ext: str, compressed: bool):
-    """Caption bytes for .txt, an ImageBytes for images, None for members we do not use."""
-    if ext.lower() == "txt":
-        return tar.extractfile(member).read()
-    if _is_image_name("." + ext):
-        if compressed:
-            return InlineBytes(tar.extractfile(member).read())
-        return TarMemberBytes(str(shard), member.offset_data, member.size)
-    return None
-
-
-def _is_compressed(path: Path) -> bool:
-    """True for gzip, bzip2 or xz data, whatever the file is called."""
-    with open(path, "rb") as f:
-        head = f.read(6)
-    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
-
-
-def _tar_sample(shard: Path, base: str, members: dict[str, object]) -> Example | Skipped:
-    """Turn one member group into an Example, or say what is missing."""
-    origin = f"{shard}:{base}"
-    images = [ext for ext in members if _is_image_name("." + ext)]
-    if len(images) != 1:
-        found = ", ".join(f"{base}.{ext}" for ext in members)
-        what = "no image member of an accepted type" if not images else "several image members for one sample"
-        return Skipped(origin, f"{what} (found: {found})")
-    if "txt" not in members:
-        return Skipped(origin, f"no caption member {base}.txt")
-    try:
-        caption = _decode_caption(members["txt"], f"caption member {base}.txt")
-    except _Problem as p:
-        return Skipped(origin, p.reason)
-    return Example(key=f"{shard.name}/{base}", caption=caption, origin=origin, image=members[images[0]])
