@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -203,9 +204,9 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        # `resume` says how this run started, not what it is: rerunning config.yaml starts afresh.
+        save_config(cfg.model_copy(update={"resume": None}), run_dir / "config.yaml")
 
-    # Features: built once (on the main process), then reused by every rank and later runs.
     base = resolve_base(cfg.model.base)
     # Every rank encodes its share of what is missing, then all read the same index from disk.
     index = build_cache(cfg, base, accelerator.device, show_progress=show_progress and main, rank=rank,
@@ -256,8 +257,10 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         accelerator.wait_for_everyone()
         return path
 
+    # Ctrl-C reaches every process; each notes it, and all stop after the same step (see below).
     interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if main else None
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals only reach it
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if in_main_thread else None
     _init_trackers(accelerator, cfg)
     metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
     bar = tqdm(total=t.steps, initial=start, desc="training", disable=not (show_progress and main))
@@ -307,11 +310,14 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
                 validator(accelerator.unwrap_model(model), done, run_dir / "samples")
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
                 checkpoint(done, step_loss)
-            if interrupted:
+            stop = torch.tensor(float(bool(interrupted)), device=accelerator.device)
+            if world > 1:  # processes may see the signal a step apart: agree before the collective save
+                stop = accelerator.reduce(stop, "sum")
+            if stop.item() > 0:
                 raise TrainingInterrupted(checkpoint(done, step_loss))
     finally:
         bar.close()
-        if previous_handler is not None:
+        if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)
         if metrics:
             metrics.close()
