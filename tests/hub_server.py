@@ -424,13 +424,17 @@ class _Handler(BaseHTTPRequestHandler):
         }  # fmt: skip
         return self._json(info)
 
-    def _tree(self, req: Recorded, repo: str, rev: str, path: str | None = None):
+    def _commit_and_history(self, req: Recorded, repo: str, rev: str):
+        """The commit `rev` names in `repo` (read access checked) and the commits up to it."""
         hub = self.hub
         user = hub._user(req.headers, "read")
         with hub.lock:
             r = hub._repo(repo, user)
             commit = hub._commit(r, rev)
-            history = r.commits[: r.commits.index(commit) + 1]
+            return commit, r.commits[: r.commits.index(commit) + 1]
+
+    def _tree(self, req: Recorded, repo: str, rev: str, path: str | None = None):
+        commit, history = self._commit_and_history(req, repo, rev)
         files, folders = commit.files, _folders(commit.files)
         path = (path or "").strip("/")
         if path and path not in folders:
@@ -444,12 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._json([_entry(p, files, history if expand else None) for p in names])
 
     def _paths_info(self, req: Recorded, repo: str, rev: str):
-        hub = self.hub
-        user = hub._user(req.headers, "read")
-        with hub.lock:
-            r = hub._repo(repo, user)
-            commit = hub._commit(r, rev)
-            history = r.commits[: r.commits.index(commit) + 1]
+        commit, history = self._commit_and_history(req, repo, rev)
         form = parse_qs(req.body.decode())
         expand = form.get("expand", ["false"])[0].lower() == "true"
         known = set(commit.files) | _folders(commit.files)

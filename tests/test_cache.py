@@ -65,13 +65,7 @@ def config(data: Path, cache: Path, base, **data_overrides):
     return load_config(None, overrides)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run many times faster on one thread than on two of a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from PIL import Image
 
 from pixart_tune.bench_cache import measure_cache_throughput, write_synthetic_photos
 from pixart_tune.data.buckets import assign_bucket
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_synthetic_photos_have_varied_buckets_and_captions(tmp_path):
