@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cache import build, calls, config, make_dataset, one_thread, write_example  # noqa: F401 (fixtures)
+from test_cache import build, calls, config, make_dataset, write_example  # noqa: F401 (fixtures)
 
 from pixart_tune.cache import build_cache, store
 
-pytestmark = pytest.mark.skipif(
-    "fork" not in mp.get_all_start_methods(), reason="the children are forked (not available on this OS)"
-)
+pytestmark = [
+    pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="the children are forked (not available on this OS)"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _build_and_die_after(cfg, base: str, writes: int) -> None:
