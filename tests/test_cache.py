@@ -162,6 +162,21 @@ def test_incremental_encodes_only_what_changed(tmp_path, tiny_base, calls):
                for r in index.records)  # fmt: skip
 
 
+def test_a_warm_build_reads_each_image_once(tmp_path, tiny_base, calls, monkeypatch):
+    """The source hashes each image while looking for duplicates; the cache reuses that digest."""
+    from pixart_tune.data.examples import FileBytes
+
+    data, cache = make_dataset(tmp_path / "data", 3), tmp_path / "cache"
+    cfg = config(data, cache, tiny_base)
+    build(cfg, tiny_base, calls)
+    reads: Counter = Counter()
+    real_read = FileBytes.read
+    monkeypatch.setattr(FileBytes, "read", lambda self: reads.update([Path(self.path).name]) or real_read(self))
+    index, n = build(cfg, tiny_base, calls)
+    assert n == {"vae": 0, "t5": 0} and index.counts["reused_latents"] == 3
+    assert reads == {"img0.jpg": 1, "img1.jpg": 1, "img2.jpg": 1}
+
+
 def test_flip_variant_is_the_latent_of_the_mirrored_crop(tmp_path, tiny_base, calls):
     from pixart_tune.features import CachedFeatures
     from pixart_tune.models import load_vae

@@ -145,12 +145,14 @@ def _scan(cfg: Config, keys: CacheKeys, root: Path, verify: bool, show_progress:
         if isinstance(item, Skipped):  # a layout problem, already named by the source
             scan.items.append({"origin": item.origin, "reason": item.reason})
             continue
-        try:
-            data = item.read_bytes()
-        except OSError as e:
-            _reject_now(d.on_error, scan, item.origin, f"cannot read the image: {e}")
-            continue
-        digest = image_digest(data)
+        data, digest = None, item.digest  # the source hashed it already while looking for duplicates
+        if digest is None:
+            try:
+                data = item.read_bytes()
+            except OSError as e:
+                _reject_now(d.on_error, scan, item.origin, f"cannot read the image: {e}")
+                continue
+            digest = image_digest(data)
         caption = process_caption(item.caption, trigger=d.trigger, template=d.caption_template, clean=d.clean_caption)
         ex = _Example(item.key, item.origin, digest, tuple(keys.latent(digest, v) for v in keys.variants), keys.text(caption))
         if digest not in seen:
@@ -161,6 +163,12 @@ def _scan(cfg: Config, keys: CacheKeys, root: Path, verify: bool, show_progress:
             else:
                 missing = [(k, v) for k, v in zip(ex.latent_keys, keys.variants) if not cached("latents", k)]
                 if missing:
+                    if data is None:  # only images still to encode are read again
+                        try:
+                            data = item.read_bytes()
+                        except OSError as e:
+                            _reject_now(d.on_error, scan, item.origin, f"cannot read the image: {e}")
+                            continue
                     outputs = tuple((k, v.crop, v.flip) for k, v in missing)
                     scan.jobs.append((bucket_hint(data, d.resolution), DecodeJob(digest, item.origin, item.image, outputs)))
         if digest in scan.rejected and d.on_error == "error":

@@ -7,8 +7,14 @@ so that a list of Examples is cheap to keep and can be sent to decoding worker p
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def image_digest(data: bytes) -> str:
+    """SHA-256 (hex) of encoded image bytes: what duplicates and cache keys are judged by."""
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,9 @@ class Example:
     caption: str  # raw caption text; see captions.process_caption for what training sees
     origin: str  # where a human finds it, for messages: a file path, "metadata.jsonl:12", ...
     image: ImageBytes
+    # image_digest of the bytes, once someone has read them (iter_source does, to find duplicates),
+    # so that later stages need not read and hash every image again.
+    digest: str | None = field(default=None, compare=False)
 
     def read_bytes(self) -> bytes:
         """Return the encoded image bytes (JPEG, PNG, ...), undecoded."""

@@ -11,19 +11,15 @@ dataset, no duplicates); the image *contents* are checked later by `images.load_
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
-import hashlib
 import io
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from pixart_tune.data.examples import (
-    Example,
-    FileBytes,
-    Skipped,
-)
+from pixart_tune.data.examples import Example, FileBytes, Skipped, image_digest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CACHE_DIR_NAME = ".pixart_tune_cache"  # the feature cache lives inside the dataset folder by default
@@ -145,8 +141,9 @@ def detect_source(path: str | os.PathLike) -> str:
 
 def _drop_repeats(items: Iterable[Example | Skipped]) -> Iterator[Example | Skipped]:
     """Skip exact duplicates (same image bytes AND same caption) and reused keys."""
-    # This reads every image once to hash it; the digests (32 bytes each) are all that is kept.
-    first_key_of: dict[bytes, str] = {}  # content digest -> key of its first occurrence
+    # This reads every image once to hash it; the digests are all that is kept, and each Example
+    # carries its own, so the cache does not read and hash it again.
+    first_key_of: dict[tuple[str, str], str] = {}  # (image digest, caption) -> key of its first occurrence
     origin_of_key: dict[str, str] = {}
     for item in items:
         if isinstance(item, Skipped):
@@ -157,23 +154,16 @@ def _drop_repeats(items: Iterable[Example | Skipped]) -> Iterator[Example | Skip
         except OSError as e:
             yield Skipped(item.origin, f"cannot read the image: {e}")
             continue
-        digest = _content_digest(data, item.caption)
-        if digest in first_key_of:
-            yield Skipped(item.origin, f"duplicate of {first_key_of[digest]} (same image bytes and caption)")
+        digest = image_digest(data)
+        content = (digest, item.caption)
+        if content in first_key_of:
+            yield Skipped(item.origin, f"duplicate of {first_key_of[content]} (same image bytes and caption)")
         elif item.key in origin_of_key:
             yield Skipped(item.origin, f"key {item.key!r} already used by {origin_of_key[item.key]}")
         else:
-            first_key_of[digest] = item.key
+            first_key_of[content] = item.key
             origin_of_key[item.key] = item.origin
-            yield item
-
-
-def _content_digest(data: bytes, caption: str) -> bytes:
-    """SHA-256 over image bytes and caption; the length prefix keeps the two parts unambiguous."""
-    h = hashlib.sha256(len(data).to_bytes(8, "little"))
-    h.update(data)
-    h.update(caption.encode("utf-8"))
-    return h.digest()
+            yield dataclasses.replace(item, digest=digest)
 
 
 # ---------------------------------------------------------------------------------------------
