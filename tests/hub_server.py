@@ -131,6 +131,7 @@ class HubServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._timer: threading.Timer | None = None
+        self._stop_lock = threading.Lock()
         self._counter = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -157,14 +158,16 @@ class HubServer:
         return self
 
     def stop(self) -> None:
-        httpd, self._httpd = self._httpd, None
-        if self._timer is not None and self._timer is not threading.current_thread():
-            self._timer.cancel()
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+        with self._stop_lock:  # the timer, atexit and the fixture may all call this
+            httpd = self._httpd
+            if self._timer is not None and self._timer is not threading.current_thread():
+                self._timer.cancel()
+            if httpd is not None:
+                httpd.shutdown()
+                httpd.server_close()
+            if self._thread is not None and self._thread is not threading.current_thread():
+                self._thread.join(timeout=5)
+            self._httpd = None  # only now: `running` turns false once the port is really closed
 
     @property
     def running(self) -> bool:
