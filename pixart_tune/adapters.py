@@ -15,6 +15,8 @@ import contextlib
 import json
 from pathlib import Path
 
+from .models import looks_like_hub_id
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -27,8 +29,8 @@ class AdapterError(ValueError):
 
 
 def _is_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and not Path(name).suffix
+    # A missing "dir/x.safetensors" is a mistyped file, not a repo: say so rather than ask the Hub.
+    return looks_like_hub_id(name) and not Path(name).suffix
 
 
 def _download_adapter(repo_id: str) -> Path:

@@ -19,20 +19,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import warnings
 from pathlib import Path
 
 import yaml
 
+from .models import looks_like_hub_id
 from .tiny import EMBEDDED_TINY, TINY_VERSION
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 TAGS = ["pixart-alpha", "lora", "text-to-image", "diffusers", "pixart_tune"]
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN (a token with write access: https://huggingface.co/settings/tokens)"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # The settings the card's table shows, in this order: (config.yaml key, label).
 CARD_SETTINGS = [
     ("model.base", "base model"), ("model.revision", "base revision"), ("train.method", "method"),
@@ -85,7 +84,7 @@ def public_base(base: str | None) -> str | None:
 
 
 def is_hub_id(base: str | None) -> bool:
-    return bool(base) and _REPO_ID.match(base) is not None and not Path(base).expanduser().exists()
+    return bool(base) and looks_like_hub_id(base) and not Path(base).expanduser().exists()
 
 
 def base_license(base: str | None) -> str:
@@ -294,7 +293,7 @@ def push_to_hub(adapter_or_run: str | Path, repo_id: str, *, private: bool = Fal
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     adapter, run = find_adapter(adapter_or_run)
-    if not _REPO_ID.match(repo_id or ""):
+    if not looks_like_hub_id(repo_id or ""):
         raise HubError(f"repo id {repo_id!r} must be 'namespace/name' (your user or organization, then the repo name)")
     if _offline():
         raise HubError("HF_HUB_OFFLINE is set: pushing needs the network. Unset HF_HUB_OFFLINE (or set it to 0) and retry.")

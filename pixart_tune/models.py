@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +16,15 @@ from .tiny import EMBEDDED_TINY, embedded_tiny_path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+# owner/name as the Hub spells repo ids: no leading '.', '/' or '~', no empty part, no spaces.
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hub repo id (it may still be a local path; callers check that first)."""
+    return HUB_REPO_ID.match(name) is not None
 
 
 class BaseModelError(ValueError):
@@ -36,7 +46,7 @@ def resolve_base(base: str) -> str:
                 "(model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
             )
         return str(path.resolve())
-    if base.count("/") == 1 and not base.startswith((".", "/", "~")):
+    if looks_like_hub_id(base):
         return base  # a Hub id such as PixArt-alpha/PixArt-XL-2-1024-MS
     raise BaseModelError(
         f"model.base {base!r} is neither an existing folder nor a Hub id (owner/name) nor {EMBEDDED_TINY!r}"
