@@ -7,6 +7,10 @@
         state.json              step, data position (sampler state), loss
 A checkpoint folder appears only once complete (written as .tmp, then renamed), so a crash or a
 kill leaves the previous checkpoints intact; `latest_checkpoint` ignores half-written ones.
+
+The files hold full (unsharded) tensors keyed by parameter name, whatever the number of processes
+and whether FSDP shards the weights: under FSDP every process takes part in gathering them (so every
+process calls save_checkpoint) and the main process writes them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+# Gather full tensors onto the main process's CPU (a no-op gather without FSDP); other ranks get {}.
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 _STEP = re.compile(r"^step-(\d+)$")
 
@@ -58,22 +73,70 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
     return path
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+def _trainable_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, ema, state: dict, keep: int) -> Path:
-    """Main process: write checkpoint step-N atomically, then drop all but the newest `keep`."""
+def full_state(model: torch.nn.Module, trainable_only: bool = True) -> dict[str, torch.Tensor]:
+    """The model's weights (only the trained ones by default), whole, on the main process's CPU.
+
+    Collective under FSDP: every process must call it; processes other than the main one get {}."""
+    state = get_model_state_dict(model, options=_GATHER)
+    if trainable_only:  # buffers (e.g. the positional embedding) and frozen weights are not trained
+        names = _trainable_names(model)
+        state = {n: v for n, v in state.items() if n in names}
+    return {n: (v.float() if trainable_only else v).contiguous() for n, v in state.items()}
+
+
+def _sharded(model: torch.nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state with full tensors. Under FSDP (AdamW only, see trainer) torch gathers it
+    and keys it by parameter name; otherwise it is optimizer.state_dict(), which every optimiser
+    round-trips (torch's gatherer does not know Prodigy's extra param-group entries)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
+    if _sharded(model):
+        return get_optimizer_state_dict(model, optimizer, options=_GATHER)
+    return optimizer.state_dict()
+
+
+def _load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Restore either form of optimizer.pt into a sharded or unsharded run (the number of GPUs may change)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    by_name = all(isinstance(i, str) for g in state["param_groups"] for i in g["params"])
+    if not by_name and not _sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    if not by_name:  # written by an unsharded run: positions follow the trainable parameters' order
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        state = {"state": {names[i]: v for i, v in state["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}  # fmt: skip
+    # Every process passes the full state; under FSDP each keeps its shard.
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, ema, state: dict, keep: int,
+                    main: bool = True) -> Path:  # fmt: skip
+    """Write checkpoint step-N atomically, then drop all but the newest `keep`.
+
+    Every process calls it (FSDP gathers the shards collectively); only `main` writes."""
+    weights = full_state(model)
+    optim = _optimizer_state(model, optimizer)
+    shadow = ema.state_dict() if ema is not None else None
     root = checkpoint_dir(run_dir)
     final = root / f"step-{step:06d}"
+    if not main:
+        return final
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(optim, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    if ema is not None:
-        save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+    if shadow is not None:
+        save_file(shadow, str(tmp / "ema.safetensors"))
     for rng in root.glob(f".rng-step-{step:06d}-*.pt"):  # RNG states the other ranks left beside it
         os.replace(rng, tmp / rng.name.replace(f".rng-step-{step:06d}-", "rng-"))
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
@@ -100,16 +163,14 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler, ema, rank: int) 
     """Restore a checkpoint into live objects; returns its state.json."""
     state = json.loads((path / "state.json").read_text())
     saved = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    mismatch = sorted(set(saved) ^ {n for n, p in params.items() if p.requires_grad})
+    mismatch = sorted(set(saved) ^ _trainable_names(model))
     if mismatch:
         raise CheckpointError(
             f"{path} was saved for other trainable parameters (e.g. {mismatch[0]}); resume with the recipe that wrote it"
         )
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    # Every process reads the full tensors; under FSDP each keeps its own shard.
+    set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True, strict=False))
+    _load_optimizer_state(model, optimizer, torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     if ema is not None:
         if not (path / "ema.safetensors").is_file():

@@ -19,10 +19,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .cache import build_cache
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_rng
+from .checkpoint import full_state, load_checkpoint, resolve_resume, save_checkpoint, save_rng
 from .config import Config, load_config, save_config
 from .data.sampler import BucketBatchSampler
 from .features import CachedFeatures, collate
@@ -155,24 +156,52 @@ def prepare_model(cfg: Config, base: str):
     return model, transformer
 
 
-def _save_final(model, run_dir: Path, method: str, ema) -> Path:
+def _save_final(model, transformer, run_dir: Path, method: str, ema, main: bool) -> Path:
     """Write final/ atomically: a PEFT adapter (LoRA) or a diffusers transformer (full).
 
     With EMA on, final/ holds the EMA weights (what the official trainer ships) and final-raw/
-    the last live weights."""
+    the last live weights. Every process calls it (FSDP gathers the shards); `main` writes."""
     outputs = {"final": True} if ema is None else {"final-raw": False, "final": True}
     for name, use_ema in outputs.items():
         if ema is not None and use_ema:
             ema.swap()
-        tmp = run_dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        extra = {"save_embedding_layers": False} if method == "lora" else {}  # no embeddings are adapted
-        model.save_pretrained(tmp, safe_serialization=True, **extra)
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-        os.replace(tmp, run_dir / name)
+        weights = full_state(model, trainable_only=method == "lora")
         if ema is not None and use_ema:
             ema.swap()
+        if not main:
+            continue
+        tmp = run_dir / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if method == "lora":  # peft picks the adapter's tensors out of `weights`; no embeddings are adapted
+            model.save_pretrained(tmp, state_dict=weights, safe_serialization=True, save_embedding_layers=False)
+        else:  # the layout of diffusers' save_pretrained: config.json + one safetensors file (2.4 GB in fp32)
+            transformer.save_config(tmp)
+            save_file(weights, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+        os.replace(tmp, run_dir / name)
     return run_dir / "final"
+
+
+def _check_distributed(accelerator, cfg: Config) -> bool:
+    """Refuse what is not checked under FSDP; returns whether the weights are sharded (FSDP2)."""
+    if accelerator.distributed_type.name != "FSDP":
+        return False
+    if not accelerator.is_fsdp2:
+        raise NotImplementedError(
+            "pixart-tune supports FSDP2 only: set `fsdp_version: 2` in the accelerate config "
+            "(recipes/accelerate/fsdp2.yaml is one) or pass --fsdp_version 2 to accelerate launch"
+        )
+    if cfg.train.method != "full":
+        raise NotImplementedError(
+            "FSDP is for the full fine-tune; a LoRA trains a few MB and its frozen base (1.2 GB in bf16) fits every "
+            "GPU: launch LoRA runs with DDP (accelerate launch --multi_gpu --num_processes N ...)"
+        )
+    if cfg.train.optimizer != "adamw":
+        raise NotImplementedError(
+            f"train.optimizer={cfg.train.optimizer} is not supported under FSDP (its state is not sharded); "
+            "use train.optimizer=adamw, whose state FSDP shards across the GPUs"
+        )
+    return True
 
 
 def _init_trackers(accelerator, cfg: Config) -> None:
@@ -201,14 +230,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         log_with="tensorboard" if tensorboard else None, project_dir=str(run_dir / "logs") if tensorboard else None,
     )  # fmt: skip
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    if accelerator.distributed_type.name == "FSDP":
-        # Checkpoints, EMA and final/ read the unwrapped model's parameters, which FSDP shards; until
-        # they gather through accelerator.get_state_dict (and that is checked on GPUs), refuse
-        # rather than write partial weights.
-        raise NotImplementedError(
-            "FSDP is not supported yet: launch with DDP (accelerate launch --multi_gpu ...); for memory, use "
-            "train.gradient_checkpointing=true and train.optimizer=adamw8bit (a full fine-tune then fits 24 GiB)"
-        )
+    sharded = _check_distributed(accelerator, cfg)
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +247,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         raise RuntimeError(f"no usable examples in {cfg.data.path}; see {index.cache_dir / 'skipped.jsonl'}")
     dataset = CachedFeatures(index)
     validator = None
-    if cfg.validation.prompts and main:
+    if cfg.validation.prompts and (main or sharded):  # under FSDP every process takes part in sampling
         from .validation import Validator
 
         validator = Validator(cfg, base, accelerator.device)
@@ -257,11 +279,9 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     def checkpoint(step: int, loss: float) -> Path:
         save_rng(run_dir, step, rank)
         accelerator.wait_for_everyone()
-        path = run_dir / "checkpoints" / f"step-{step:06d}"
-        if main:
-            state = {"sampler": sampler.state_dict(), "loss": loss}
-            path = save_checkpoint(run_dir, step, model=unwrapped, optimizer=optimizer, scheduler=lr_schedule,
-                                   ema=ema, state=state, keep=t.keep_checkpoints)  # fmt: skip
+        state = {"sampler": sampler.state_dict(), "loss": loss}
+        path = save_checkpoint(run_dir, step, model=unwrapped, optimizer=optimizer, scheduler=lr_schedule,
+                               ema=ema, state=state, keep=t.keep_checkpoints, main=main)  # fmt: skip
         accelerator.wait_for_everyone()
         return path
 
@@ -309,13 +329,16 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
             if done % t.log_every == 0 or done == start + 1 or done == t.steps:
-                accelerator.log({"loss": step_loss, "lr": lr, "samples_per_s": rate}, step=done)
+                row = {"loss": step_loss, "lr": lr, "samples_per_s": rate}
+                if torch.cuda.is_available():  # this process's peak so far (under FSDP: its shard's share)
+                    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                accelerator.log(row, step=done)
                 if metrics:
-                    metrics.write(json.dumps({"step": done, "loss": step_loss, "lr": lr, "samples_per_s": rate}) + "\n")
+                    metrics.write(json.dumps({"step": done, **row}) + "\n")
                     metrics.flush()
                 window_start, window_samples = now, 0
             if validator and cfg.validation.every and done % cfg.validation.every == 0 and done != t.steps:
-                validator(accelerator.unwrap_model(model), done, run_dir / "samples")
+                validator(accelerator.unwrap_model(model), done, run_dir / "samples", save=main)
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
                 checkpoint(done, step_loss)
             stop = torch.tensor(float(bool(interrupted)), device=accelerator.device)
@@ -331,14 +354,17 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
             metrics.close()
 
     accelerator.wait_for_everyone()
-    final = run_dir / "final"
+    final = _save_final(unwrapped, transformer, run_dir, t.method, ema, main)
+    if validator:
+        validator(unwrapped, t.steps, run_dir / "samples", save=main)
     if main:
-        final = _save_final(unwrapped, run_dir, t.method, ema)
-        if validator:
-            validator(unwrapped, t.steps, run_dir / "samples")
         elapsed = time.perf_counter() - started
         what = "LoRA adapter (PEFT)" if t.method == "lora" else "full transformer (diffusers)"
-        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
+        peak = (
+            f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            if torch.cuda.is_available()
+            else ""
+        )
         print(f"trained {t.steps - start} steps in {elapsed:.0f} s ({samples / elapsed:.1f} samples/s{peak}); "
               f"last loss {step_loss:.4f}")  # fmt: skip
         print(f"wrote {what} to {final}; config {run_dir / 'config.yaml'}; metrics {run_dir / 'metrics.jsonl'}")

@@ -39,8 +39,10 @@ class Validator:
         self.scheduler = DPMSolverMultistepScheduler.from_pretrained(base, subfolder="scheduler", revision=cfg.model.revision)
 
     @torch.no_grad()
-    def __call__(self, transformer, step: int, out_dir: Path) -> Path:
-        """One grid PNG: a row per prompt, a column per seed. `transformer` is the live (unwrapped) model."""
+    def __call__(self, transformer, step: int, out_dir: Path, save: bool = True) -> Path:
+        """One grid PNG: a row per prompt, a column per seed. `transformer` is the live (unwrapped) model.
+
+        Under FSDP every process samples (each forward gathers the sharded weights) and one saves."""
         from diffusers import PixArtAlphaPipeline
 
         was_training = transformer.training
@@ -70,7 +72,8 @@ class Validator:
             rows.append(row)
         self.vae.to("cpu")
         transformer.train(was_training)
-        return _save_grid(rows, out_dir / f"step-{step:06d}.png")
+        path = out_dir / f"step-{step:06d}.png"
+        return _save_grid(rows, path) if save else path
 
 
 def _save_grid(rows: list[list[Image.Image]], path: Path) -> Path:

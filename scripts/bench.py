@@ -352,28 +352,39 @@ def print_table(r: dict) -> None:
 
 
 def multi_gpu(args, work: Path) -> dict:
-    """The LoRA and full recipes through `accelerate launch` on 1 and on 2 GPUs of this machine."""
+    """The LoRA and full recipes through `accelerate launch` on 1 and on 2 GPUs of this machine (DDP),
+    and the full fine-tune sharded by FSDP2 (recipes/accelerate/fsdp2.yaml) on 2."""
     base = write_random_base(work / "base-1024", 128)
     data = write_photos(work / "photos-1024", 4 * args.batch, 1024)
     steps = args.steps or 40
     out = {}
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    for method in ("lora", "full"):
-        for n in (1, 2):
-            run = work / f"mgpu-{method}-{n}"
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1",
-                   "--mixed_precision", "bf16", "--dynamo_backend", "no", *(["--multi_gpu"] if n > 1 else []),
-                   "-m", "pixart_tune", "train", str(REPO / "recipes" / "tiny-lora.yaml"), f"output_dir={run}",
-                   f"model.base={base}", f"data.path={data}", f"data.cache_dir={work / 'cache-1024'}",
-                   "data.resolution=1024", f"train.batch_size={args.batch}", f"train.steps={steps}",
-                   f"train.log_every={steps // 4}", "train.log_with=none", "train.compile=regional",
-                   "train.attention=cudnn", "model.weight_dtype=bf16", "data.t5_dtype=bf16", "train.mixed_precision=bf16",
-                   "lora.rank=16", "lora.alpha=16", f"train.method={method}", "train.lr=1e-5"]  # fmt: skip
-            subprocess.run(cmd, check=True, env=env)
-            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-            rates = [x["samples_per_s"] for x in rows if x["step"] > steps // 4]
-            out[f"{method}-{n}gpu"] = sum(rates) / len(rates)
-        out[f"{method}-scaling"] = out[f"{method}-2gpu"] / out[f"{method}-1gpu"]
+    variants = [("lora", 1, ""), ("lora", 2, ""), ("full", 1, ""), ("full", 2, ""), ("full", 2, "fsdp")]
+    for method, n, sharding in variants:
+        name = f"{method}-{sharding + '-' if sharding else ''}{n}gpu"
+        run = work / f"mgpu-{name}"
+        if sharding == "fsdp":
+            launcher = ["--config_file", str(REPO / "recipes" / "accelerate" / "fsdp2.yaml"), "--num_processes", str(n)]
+        else:
+            launcher = ["--num_processes", str(n), "--mixed_precision", "bf16", *(["--multi_gpu"] if n > 1 else [])]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
+               *launcher, "-m", "pixart_tune", "train", str(REPO / "recipes" / "tiny-lora.yaml"), f"output_dir={run}",
+               f"model.base={base}", f"data.path={data}", f"data.cache_dir={work / 'cache-1024'}",
+               "data.resolution=1024", f"train.batch_size={args.batch}", f"train.steps={steps}",
+               f"train.log_every={steps // 4}", "train.log_with=none", "train.compile=regional",
+               "train.attention=cudnn", "model.weight_dtype=bf16", "data.t5_dtype=bf16", "train.mixed_precision=bf16",
+               "lora.rank=16", "lora.alpha=16", f"train.method={method}", "train.lr=1e-5", "train.optimizer=adamw"]  # fmt: skip
+        if subprocess.run(cmd, env=env).returncode != 0:  # report the others even if one variant fails
+            out[name] = None
+            continue
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        rates = [x["samples_per_s"] for x in rows if x["step"] > steps // 4]
+        out[name] = sum(rates) / len(rates)
+        out[f"{name}-peak_gib"] = rows[-1].get("peak_gib")  # the main process's GPU
+        out[f"{name}-losses"] = [round(x["loss"], 4) for x in rows]
+    for two, one in (("lora-2gpu", "lora-1gpu"), ("full-2gpu", "full-1gpu"), ("full-fsdp-2gpu", "full-1gpu")):
+        if out[two] and out[one]:
+            out[f"{two}-scaling"] = out[two] / out[one]
     print(json.dumps(out, indent=2))
     return out
 
