@@ -382,6 +382,7 @@ def multi_gpu(args, work: Path) -> dict:
         out[name] = sum(rates) / len(rates)
         out[f"{name}-peak_gib"] = rows[-1].get("peak_gib")  # the main process's GPU
         out[f"{name}-losses"] = [round(x["loss"], 4) for x in rows]
+        print(f"multi-gpu {name}: {out[name]:.2f} samples/s, peak {out[f'{name}-peak_gib']} GiB", flush=True)
     for two, one in (("lora-2gpu", "lora-1gpu"), ("full-2gpu", "full-1gpu"), ("full-fsdp-2gpu", "full-1gpu")):
         if out[two] and out[one]:
             out[f"{two}-scaling"] = out[two] / out[one]
