@@ -26,10 +26,11 @@ from .cache import build_cache
 from .checkpoint import full_state, load_checkpoint, resolve_resume, save_checkpoint, save_rng
 from .config import Config, load_config, save_config
 from .data.sampler import BucketBatchSampler
-from .features import CachedFeatures, collate
+from .features import CachedFeatures
 from .models import DTYPES, load_scheduler_config, load_transformer, resolve_base
 from .objective import PixArtObjective
 from .optim import make_lr_schedule, make_optimizer
+from .prefetch import BatchPrefetcher
 from .speed import apply_compile, attention_context
 
 
@@ -274,12 +275,13 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
             print(f"resumed from {resume_from} at step {start}")
     model = apply_compile(model, t.compile)
     loss_fn = LossFn(cfg, base, transformer, dataset.null, accelerator.device)
-    batches = sampler.forever()
+    batches = BatchPrefetcher(dataset, sampler, accelerator.device)  # reads ahead in a thread
+    trained = {"epoch": sampler.epoch, "batches_consumed": sampler.batches_consumed}  # data position of the weights
 
     def checkpoint(step: int, loss: float) -> Path:
         save_rng(run_dir, step, rank)
         accelerator.wait_for_everyone()
-        state = {"sampler": sampler.state_dict(), "loss": loss}
+        state = {"sampler": {**sampler.state_dict(), **trained}, "loss": loss}
         path = save_checkpoint(run_dir, step, model=unwrapped, optimizer=optimizer, scheduler=lr_schedule,
                                ema=ema, state=state, keep=t.keep_checkpoints, main=main)  # fmt: skip
         accelerator.wait_for_everyone()
@@ -299,8 +301,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         for step in range(start, t.steps):
             step_loss = 0.0
             for micro in range(t.grad_accum):
-                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in collate(
-                    [dataset[i] for i in next(batches)]).items()}  # fmt: skip
+                batch, trained = next(batches)
                 size = batch["mean"].shape[0]
                 gens = sample_generators(cfg.seed, step, micro, rank * size, size, accelerator.device)
                 with accelerator.accumulate(model):
@@ -347,6 +348,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
             if stop.item() > 0:
                 raise TrainingInterrupted(checkpoint(done, step_loss))
     finally:
+        batches.close()
         bar.close()
         if in_main_thread:
             signal.signal(signal.SIGINT, previous_handler)
