@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -96,6 +96,9 @@ class TrainConfig(_Section):
     ema_on_cpu: bool = False
     compile: Literal["none", "regional", "full"] = "none"  # regional = each transformer block
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"  # SDPA kernel preference
+    # LoRA only: the frozen base linears of the transformer blocks run their matmuls in FP8 (e4m3,
+    # one scale per row) on Hopper GPUs; faster, slightly different numerics (see README "Speed").
+    fp8: bool = False
     log_every: int = Field(10, ge=1)
     log_with: Literal["tensorboard", "none"] = "tensorboard"
 
@@ -103,6 +106,12 @@ class TrainConfig(_Section):
     @classmethod
     def _yaml_no(cls, v):
         return "no" if v is False else v  # YAML reads an unquoted `no` as false
+
+    @model_validator(mode="after")
+    def _fp8_needs_frozen_weights(self):
+        if self.fp8 and self.method != "lora":
+            raise ValueError("fp8 is for LoRA runs (it quantises the frozen base weights); set train.fp8=false")
+        return self
     checkpoint_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
 

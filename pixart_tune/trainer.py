@@ -146,6 +146,10 @@ def prepare_model(cfg: Config, base: str):
         from .lora import add_lora
 
         model = add_lora(transformer, cfg.lora, base_model=base)  # the tiny kit records its folder
+        if t.fp8:  # frozen base linears of the blocks -> FP8 matmuls (the adapters stay as they are)
+            from .fp8 import apply_fp8
+
+            apply_fp8(model)
     else:
         model = transformer.requires_grad_(True)
         for name, module in model.named_modules():

@@ -255,7 +255,7 @@ def run_sections(args, work: Path) -> dict:
     from pixart_tune.tiny import embedded_tiny_path
 
     smoke = args.smoke
-    want = set(args.only or ["cache", "lora", "full", "lora512", "full512", "memory", "baselines", "inference"])
+    want = set(args.only or ["cache", "lora", "fp8", "full", "lora512", "full512", "memory", "baselines", "inference"])
     res, batch = (256, 2) if smoke else (1024, args.batch)
     steps = args.steps or (4 if smoke else 40)
     dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
@@ -291,6 +291,8 @@ def run_sections(args, work: Path) -> dict:
                 batch_size=batch, workers=4 if smoke else 8, t5_dtype="bf16" if dev == "cuda" else "fp32")  # fmt: skip
     if "lora" in want:
         ours("lora", base, data, res, fast)
+    if "fp8" in want and (smoke or torch.cuda.get_device_capability() >= (9, 0)):
+        ours("lora_fp8", base, data, res, [*fast, "train.fp8=true"])  # frozen base linears in FP8
     if "full" in want:
         ours("full", base, data, res, [*fast, "train.method=full", "train.lr=1e-5"])
     if "lora512" in want:
@@ -322,7 +324,9 @@ def print_table(r: dict) -> None:
     for name, error in r.get("errors", {}).items():
         print(f"FAILED {name}: {error}")
     ref, cached, full = (r.get(k, {}).get("samples_per_s") for k in ("ref_recipe", "plain_cached_lora", "plain_full"))
-    rows = [("ours: LoRA r16 attn+ff", "lora", "lora", r["resolution"]), ("ours: full fine-tune", "full", "full", r["resolution"]),
+    rows = [("ours: LoRA r16 attn+ff", "lora", "lora", r["resolution"]),
+            ("ours: LoRA r16 attn+ff, train.fp8", "lora_fp8", "lora", r["resolution"]),
+            ("ours: full fine-tune", "full", "full", r["resolution"]),
             ("ours: LoRA r16, 512 px", "lora512", "lora", 512), ("ours: full fine-tune, 512 px", "full512", "full", 512),
             ("ours: LoRA, batch 1, grad ckpt", "lora_bs1_ckpt", "lora", r["resolution"]),
             ("ours: full, recipe (ckpt, 8-bit AdamW)", "full_recipe_24g", "full", r["resolution"]),
@@ -431,7 +435,7 @@ def main(argv=None) -> int:
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
     p.add_argument("--profile", action="store_true", help="GPU time of the LoRA step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: cache lora full lora512 full512 memory baselines inference")  # fmt: skip
+                   help="sections: cache lora fp8 full lora512 full512 memory baselines inference")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp folder)")
