@@ -396,6 +396,7 @@ def multi_gpu(args, work: Path) -> dict:
 
 KERNEL_GROUPS = [  # substrings of CUDA kernel names -> what they are
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "softmax")),
+    ("fp8 matmul", ("e4m3", "f8f8", "fp8")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "wgmma")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("fused elementwise (triton)", ("triton",)),
@@ -403,19 +404,21 @@ KERNEL_GROUPS = [  # substrings of CUDA kernel names -> what they are
 ]
 
 
-def profile_step(args, work: Path) -> dict:
+def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
     """Where the GPU time of our LoRA recipe goes: a torch.profiler trace of a short trainer run,
-    CUDA kernel time grouped by kind. Compile warm-up adds little GPU time, so the steady steps dominate."""
+    CUDA kernel time grouped by kind. Compile warm-up adds little GPU time, so the steady steps dominate.
+    `extra`: more recipe overrides (e.g. train.fp8=true)."""
     from torch.profiler import ProfilerActivity, profile
 
     base = write_random_base(work / "base-1024", 128)
     data = write_photos(work / "photos-1024", 4 * args.batch, 1024)
     overrides = [f"train.batch_size={args.batch}", "lora.rank=16", "lora.alpha=16", "model.weight_dtype=bf16",
                  "data.t5_dtype=bf16", "train.mixed_precision=bf16", "data.resolution=1024", "train.compile=regional",
-                 "train.attention=cudnn"]  # fmt: skip
-    run_ours(base, data, work / "cache-1024", work, "profile-warm", overrides, 4)  # cache + compile outside the trace
+                 "train.attention=cudnn", *extra]  # fmt: skip
+    name = "profile" + "".join(f"-{x.split('=')[0].split('.')[-1]}" for x in extra)
+    run_ours(base, data, work / "cache-1024", work, f"{name}-warm", overrides, 4)  # cache + compile outside the trace
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run_ours(base, data, work / "cache-1024", work, "profile", overrides, 12)
+        run_ours(base, data, work / "cache-1024", work, name, overrides, 12)
     totals: dict[str, float] = {}
     for event in prof.key_averages():
         name = event.key.lower()
@@ -423,7 +426,7 @@ def profile_step(args, work: Path) -> dict:
         totals[group] = totals.get(group, 0.0) + event.device_time_total / 1e3  # ms
     all_ms = sum(totals.values())
     top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
-    result = {"share": {g: t / all_ms for g, t in sorted(totals.items(), key=lambda x: -x[1])},
+    result = {"gpu_ms_per_step": all_ms / 12, "share": {g: t / all_ms for g, t in sorted(totals.items(), key=lambda x: -x[1])},
               "top_kernels_ms": {e.key[:90]: e.device_time_total / 1e3 for e in top}}  # fmt: skip
     print(json.dumps(result, indent=2))
     return result
@@ -446,6 +449,8 @@ def main(argv=None) -> int:
         results = {}
         if args.profile:
             results["profile"] = profile_step(args, work)
+            if torch.cuda.get_device_capability() >= (9, 0):
+                results["profile_fp8"] = profile_step(args, work, ("train.fp8=true",))
         if args.multi_gpu:
             results["multi_gpu"] = multi_gpu(args, work)
     else:

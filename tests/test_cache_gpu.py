@@ -38,8 +38,12 @@ def test_cuda_cache_matches_direct_encoding(tmp_path, tiny_base):
             x = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float().cuda() / 127.5 - 1.0
             dist = vae.encode(x).latent_dist
             stored = read_features(path)
-            torch.testing.assert_close(stored["mean"], dist.mean[0].cpu(), rtol=1e-3, atol=1e-3)
-            torch.testing.assert_close(stored["std"], dist.std[0].cpu(), rtol=1e-3, atol=1e-3)
+            # cuDNN runs fp32 convolutions in TF32 by default and picks its algorithm per batch size, so
+            # a batch of 3 and a batch of 1 differ by ~1e-3 here and there (measured on an H100: 9 of
+            # 3744 values above 1e-3, largest 1.8e-3). A wrong image, crop or flip differs by ~0.1-1.
+            for name, direct in (("mean", dist.mean[0].cpu()), ("std", dist.std[0].cpu())):
+                torch.testing.assert_close(stored[name], direct, rtol=1e-2, atol=5e-3)
+                assert float((stored[name] - direct).abs().mean()) < 5e-4, name
         stored = read_features(record.text_file)
         torch.testing.assert_close(stored["embeds"], texts[i]["embeds"].cpu(), rtol=1e-3, atol=1e-3)
         assert torch.equal(stored["mask"], texts[i]["mask"])
