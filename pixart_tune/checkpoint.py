@@ -81,8 +81,11 @@ def full_state(model: torch.nn.Module, trainable_only: bool = True) -> dict[str,
     """The model's weights (only the trained ones by default), whole, on the main process's CPU.
 
     Collective under FSDP: every process must call it; processes other than the main one get {}."""
-    state = get_model_state_dict(model, options=_GATHER)
-    if trainable_only:  # buffers (e.g. the positional embedding) and frozen weights are not trained
+    # Frozen weights are left on the GPU (a LoRA run would otherwise copy its 1.2 GB base to the CPU
+    # on every save); buffers (e.g. the positional embedding) still come and are dropped below.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
+    if trainable_only:
         names = _trainable_names(model)
         state = {n: v for n, v in state.items() if n in names}
     return {n: (v.float() if trainable_only else v).contiguous() for n, v in state.items()}
