@@ -366,11 +366,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     if main:
         elapsed = time.perf_counter() - started
         what = "LoRA adapter (PEFT)" if t.method == "lora" else "full transformer (diffusers)"
-        peak = (
-            f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-            if torch.cuda.is_available()
-            else ""
-        )
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else ""
         print(f"trained {t.steps - start} steps in {elapsed:.0f} s ({samples / elapsed:.1f} samples/s{peak}); "
               f"last loss {step_loss:.4f}")  # fmt: skip
         print(f"wrote {what} to {final}; config {run_dir / 'config.yaml'}; metrics {run_dir / 'metrics.jsonl'}")
