@@ -57,7 +57,7 @@ class Validator:
         for i in range(len(self.cfg.prompts)):
             row = []
             for seed in self.cfg.seeds:
-                image = pipe(
+                latents = pipe(
                     prompt_embeds=self.embeds[i : i + 1].to(self.device, dtype),
                     prompt_attention_mask=self.masks[i : i + 1].to(self.device),
                     negative_prompt=None, negative_prompt_embeds=null_e, negative_prompt_attention_mask=null_m,
@@ -67,8 +67,13 @@ class Validator:
                     # one, the model's default size with the pipeline's aspect-ratio binning.
                     use_resolution_binning=self.cfg.height is None and self.cfg.width is None,
                     generator=torch.Generator(device="cpu").manual_seed(seed),
-                ).images[0]  # fmt: skip
-                row.append(image)
+                    # Decoded below: the latents come in the transformer's dtype (fp32 master weights in
+                    # a full fine-tune) while the VAE has the base's (bf16), which the pipeline would mix.
+                    # (Binning keeps the default square size as is, so no resize is owed after decoding.)
+                    output_type="latent",
+                ).images  # fmt: skip
+                pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+                row.append(pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0])
             rows.append(row)
         self.vae.to("cpu")
         transformer.train(was_training)

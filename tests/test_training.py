@@ -212,6 +212,16 @@ def test_full_fine_tune_writes_a_diffusers_transformer(tmp_path, cache_dir):
     assert not any(n.startswith(("pos_embed", "caption_projection")) for n in changed), "frozen parts stay"
 
 
+def test_full_fine_tune_validation_with_a_bf16_base(tmp_path, cache_dir):
+    """fp32 master weights make fp32 latents while the VAE is bf16: the grid must still decode."""
+    from pixart_tune import train
+
+    train(RECIPE, _overrides(tmp_path, cache_dir, "train.method=full", "train.steps=1", "model.weight_dtype=bf16",
+                             "validation.prompts=[a photo of a cat]", "validation.steps=2", "validation.height=64",
+                             "validation.width=96"), show_progress=False)  # fmt: skip
+    assert Image.open(tmp_path / "samples" / "step-000001.png").size == (96, 64)
+
+
 def test_lora_learns_a_single_concept(tmp_path, cache_dir):
     """A LoRA on one concept lowers the loss on it, and what it generates moves toward it."""
     from pixart_tune import load_pipeline, train
