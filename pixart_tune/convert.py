@@ -35,12 +35,12 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_dir
 
 EXTRAS_FILE = "pixart_original_extras.safetensors"
 DROPPED_KEYS = ("pos_embed", "y_embedder.y_embedding")
@@ -236,16 +236,6 @@ def infer_config(sd: dict, config: str | dict | None = None) -> dict:
     ) | overrides
 
 
-def _replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it")
-        shutil.rmtree(out_dir)
-    elif out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
-
-
 def convert_original_to_diffusers(pth, out_dir, *, config: str | dict | None = None, use_ema: bool = False, overwrite: bool = False) -> Path:
     """Convert an original checkpoint to a diffusers transformer folder (safetensors only).
 
@@ -265,16 +255,12 @@ def convert_original_to_diffusers(pth, out_dir, *, config: str | dict | None = N
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{pth}: weights do not fit the inferred config {kwargs}: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     out_dir = Path(out_dir).resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
-    try:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it")
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if dropped:
             save_file({k: v.contiguous() for k, v in dropped.items()}, str(tmp / EXTRAS_FILE), metadata={"format": "pt", "source": str(pth)})
-        _replace_dir(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

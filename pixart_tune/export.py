@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .adapters import read_adapter, recorded_base, resolve_adapter
+from .atomic import atomic_dir
 from .tiny import EMBEDDED_TINY
 
 SUFFIXES = {"peft": "", "diffusers": ".safetensors", "kohya": ".safetensors"}
@@ -101,9 +101,7 @@ def merge_adapter(adapter, out, *, scale: float = 1.0, base: str | None = None, 
     kwargs = {"dtype": dtype} if dtype is not None else {}
     transformer = PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer" if whole else None, **kwargs)
     merge_lora_into_transformer(transformer, lora, scale)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.merge-", dir=out.parent))
-    try:
+    with atomic_dir(out) as stage:
         transformer.save_pretrained(stage / "transformer" if pipeline else stage, safe_serialization=True)
         if pipeline:
             for item in local.iterdir():
@@ -114,12 +112,6 @@ def merge_adapter(adapter, out, *, scale: float = 1.0, base: str | None = None, 
                 else:
                     _link_or_copy(item, stage / item.name)
         (stage / MERGE_RECORD).write_text(_merge_record(info, base, scale))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 

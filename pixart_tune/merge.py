@@ -10,14 +10,12 @@ same way with A flattened to (r, in*kh*kw) and the product reshaped to (out, in,
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_dir
 from .lora_formats import Lora, load_lora
 
 
@@ -67,14 +65,6 @@ def merge_lora_to_folder(base, lora_path, out_dir, *, scale: float = 1.0, assume
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".merge-", dir=out_dir.parent))
-    try:  # written aside, then renamed: a crash never leaves a half-written model at out_dir
+    with atomic_dir(out_dir) as tmp:  # a crash never leaves a half-written model at out_dir
         transformer.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
