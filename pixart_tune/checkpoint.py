@@ -32,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from .atomic import atomic_dir
+
 # Gather full tensors onto the main process's CPU (a no-op gather without FSDP); other ranks get {}.
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -91,7 +93,8 @@ def full_state(model: torch.nn.Module, trainable_only: bool = True) -> dict[str,
     return {n: (v.float() if trainable_only else v).contiguous() for n, v in state.items()}
 
 
-def _sharded(model: torch.nn.Module) -> bool:
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP shards the model's weights (DTensor parameters)."""
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -100,7 +103,7 @@ def _optimizer_state(model, optimizer) -> dict:
     and keys it by parameter name; otherwise it is optimizer.state_dict(), which every optimiser
     round-trips (torch's gatherer does not know Prodigy's extra param-group entries)."""
     optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's wrapper
-    if _sharded(model):
+    if is_sharded(model):
         return get_optimizer_state_dict(model, optimizer, options=_GATHER)
     return optimizer.state_dict()
 
@@ -109,7 +112,7 @@ def _load_optimizer_state(model, optimizer, state: dict) -> None:
     """Restore either form of optimizer.pt into a sharded or unsharded run (the number of GPUs may change)."""
     optimizer = getattr(optimizer, "optimizer", optimizer)
     by_name = all(isinstance(i, str) for g in state["param_groups"] for i in g["params"])
-    if not by_name and not _sharded(model):
+    if not by_name and not is_sharded(model):
         optimizer.load_state_dict(state)
         return
     if not by_name:  # written by an unsharded run: positions follow the trainable parameters' order
@@ -124,27 +127,25 @@ def save_checkpoint(run_dir: Path, step: int, *, model, optimizer, scheduler, em
                     main: bool = True) -> Path:  # fmt: skip
     """Write checkpoint step-N atomically, then drop all but the newest `keep`.
 
-    Every process calls it (FSDP gathers the shards collectively); only `main` writes."""
+    Every process calls it; only `main` writes. Under FSDP the others take part in gathering the
+    shards; without it they have nothing to do."""
+    final = checkpoint_dir(run_dir) / f"step-{step:06d}"
+    if not main and not is_sharded(model):
+        return final
     weights = full_state(model)
     optim = _optimizer_state(model, optimizer)
     shadow = ema.state_dict() if ema is not None else None
-    root = checkpoint_dir(run_dir)
-    final = root / f"step-{step:06d}"
     if not main:
         return final
-    tmp = root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optim, tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    if shadow is not None:
-        save_file(shadow, str(tmp / "ema.safetensors"))
-    for rng in root.glob(f".rng-step-{step:06d}-*.pt"):  # RNG states the other ranks left beside it
-        os.replace(rng, tmp / rng.name.replace(f".rng-step-{step:06d}-", "rng-"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final, tmp=final.with_name(f".{final.name}.tmp")) as tmp:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optim, tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if shadow is not None:
+            save_file(shadow, str(tmp / "ema.safetensors"))
+        for rng in final.parent.glob(f".rng-step-{step:06d}-*.pt"):  # RNG states the other ranks left beside it
+            os.replace(rng, tmp / rng.name.replace(f".rng-step-{step:06d}-", "rng-"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
 import threading
 import time
@@ -22,8 +20,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_dir
 from .cache import build_cache
-from .checkpoint import full_state, load_checkpoint, resolve_resume, save_checkpoint, save_rng
+from .checkpoint import full_state, is_sharded, load_checkpoint, resolve_resume, save_checkpoint, save_rng
 from .config import Config, load_config, save_config
 from .data.sampler import BucketBatchSampler
 from .features import CachedFeatures
@@ -165,7 +164,10 @@ def _save_final(model, transformer, run_dir: Path, method: str, ema, main: bool)
     """Write final/ atomically: a PEFT adapter (LoRA) or a diffusers transformer (full).
 
     With EMA on, final/ holds the EMA weights (what the official trainer ships) and final-raw/
-    the last live weights. Every process calls it (FSDP gathers the shards); `main` writes."""
+    the last live weights. Every process calls it; `main` writes, and under FSDP the others take
+    part in gathering the shards."""
+    if not main and not is_sharded(model):
+        return run_dir / "final"
     outputs = {"final": True} if ema is None else {"final-raw": False, "final": True}
     for name, use_ema in outputs.items():
         if ema is not None and use_ema:
@@ -175,15 +177,12 @@ def _save_final(model, transformer, run_dir: Path, method: str, ema, main: bool)
             ema.swap()
         if not main:
             continue
-        tmp = run_dir / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if method == "lora":  # peft picks the adapter's tensors out of `weights`; no embeddings are adapted
-            model.save_pretrained(tmp, state_dict=weights, safe_serialization=True, save_embedding_layers=False)
-        else:  # the layout of diffusers' save_pretrained: config.json + one safetensors file (2.4 GB in fp32)
-            transformer.save_config(tmp)
-            save_file(weights, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-        os.replace(tmp, run_dir / name)
+        with atomic_dir(run_dir / name, tmp=run_dir / f".{name}.tmp") as tmp:
+            if method == "lora":  # peft picks the adapter's tensors out of `weights`; no embeddings are adapted
+                model.save_pretrained(tmp, state_dict=weights, safe_serialization=True, save_embedding_layers=False)
+            else:  # the layout of diffusers' save_pretrained: config.json + one safetensors file (2.4 GB in fp32)
+                transformer.save_config(tmp)
+                save_file(weights, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     return run_dir / "final"
 
 
