@@ -139,6 +139,14 @@ def _scan(cfg: Config, keys: CacheKeys, root: Path, verify: bool, show_progress:
             scan.known[key] = meta
         return meta is not None
 
+    def read_or_reject(item) -> bytes | None:
+        """The image's bytes, or None once an unreadable file is recorded as skipped (or raised, per data.on_error)."""
+        try:
+            return item.read_bytes()
+        except OSError as e:
+            _reject_now(d.on_error, scan, item.origin, f"cannot read the image: {e}")
+            return None
+
     source = iter_source(d.path, d.source, image_column=d.image_column, caption_column=d.caption_column,
                          split=d.split, on_error=d.on_error)  # fmt: skip
     for item in tqdm(source, desc="scanning", unit="ex", disable=not show_progress):
@@ -147,10 +155,7 @@ def _scan(cfg: Config, keys: CacheKeys, root: Path, verify: bool, show_progress:
             continue
         data, digest = None, item.digest  # the source hashed it already while looking for duplicates
         if digest is None:
-            try:
-                data = item.read_bytes()
-            except OSError as e:
-                _reject_now(d.on_error, scan, item.origin, f"cannot read the image: {e}")
+            if (data := read_or_reject(item)) is None:
                 continue
             digest = image_digest(data)
         caption = process_caption(item.caption, trigger=d.trigger, template=d.caption_template, clean=d.clean_caption)
@@ -163,12 +168,8 @@ def _scan(cfg: Config, keys: CacheKeys, root: Path, verify: bool, show_progress:
             else:
                 missing = [(k, v) for k, v in zip(ex.latent_keys, keys.variants) if not cached("latents", k)]
                 if missing:
-                    if data is None:  # only images still to encode are read again
-                        try:
-                            data = item.read_bytes()
-                        except OSError as e:
-                            _reject_now(d.on_error, scan, item.origin, f"cannot read the image: {e}")
-                            continue
+                    if data is None and (data := read_or_reject(item)) is None:  # only images still to encode are read again
+                        continue
                     outputs = tuple((k, v.crop, v.flip) for k, v in missing)
                     scan.jobs.append((bucket_hint(data, d.resolution), DecodeJob(digest, item.origin, item.image, outputs)))
         if digest in scan.rejected and d.on_error == "error":
