@@ -61,3 +61,10 @@ def tiny_forward(transformer, seed: int = 1, width: int = 16) -> torch.Tensor:
             added_cond_kwargs={"resolution": torch.tensor([[height_px, width_px]] * 2),
                                "aspect_ratio": torch.tensor([[height_px / width_px]] * 2)},
         ).sample  # fmt: skip
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    """Two weight dicts hold the same names and, per name, values equal within `atol` (no relative slack)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)

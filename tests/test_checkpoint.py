@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_worker import run_sequence
+from conftest import assert_same_tensors
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
@@ -42,16 +43,10 @@ def _load(out: Path, name: str) -> dict[str, torch.Tensor]:
             **{f"ema.{k}": v for k, v in load_file(str(out / f"{name}-ema.safetensors")).items()}}  # fmt: skip
 
 
-def _assert_close(a: dict, b: dict, atol: float) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
-
-
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor", "prodigy"])
 def test_resume_continues_exactly_for_every_optimizer(optimizer, tmp_path):
     _run(tmp_path, optimizer)
-    _assert_close(_load(tmp_path, "resumed"), _load(tmp_path, "straight"), atol=0)
+    assert_same_tensors(_load(tmp_path, "resumed"), _load(tmp_path, "straight"), atol=0)
     ckpt = tmp_path / "checkpoints" / "step-000003"
     assert set(load_file(str(ckpt / "trainable.safetensors"))) == {"2.weight", "2.bias", "3.weight", "3.bias"}
 
@@ -65,14 +60,14 @@ def test_fsdp_sharded_checkpoint_is_the_full_one_and_resumes_exactly(tmp_path):
     _run(single, cross=sharded / step3)
     # What FSDP writes is the whole tensor set, the same as a single process writes...
     for name in ("trainable.safetensors", "ema.safetensors"):
-        _assert_close(load_file(str(sharded / step3 / name)), load_file(str(plain / step3 / name)), atol=1e-6)
+        assert_same_tensors(load_file(str(sharded / step3 / name)), load_file(str(plain / step3 / name)), atol=1e-6)
     assert sorted(p.name for p in (sharded / step3).glob("*")) == sorted(p.name for p in (plain / step3).glob("*"))
     # ...and resuming a sharded run from it continues as if uninterrupted.
-    _assert_close(_load(sharded, "resumed"), _load(sharded, "straight"), atol=1e-6)
-    _assert_close(_load(sharded, "straight"), _load(plain, "straight"), atol=1e-5)
+    assert_same_tensors(_load(sharded, "resumed"), _load(sharded, "straight"), atol=1e-6)
+    assert_same_tensors(_load(sharded, "straight"), _load(plain, "straight"), atol=1e-5)
     # A run may resume on another number of GPUs: unsharded -> FSDP and FSDP -> one process.
-    _assert_close(_load(sharded, "cross"), _load(plain, "straight"), atol=1e-5)
-    _assert_close(_load(single, "cross"), _load(sharded, "straight"), atol=1e-5)
+    assert_same_tensors(_load(sharded, "cross"), _load(plain, "straight"), atol=1e-5)
+    assert_same_tensors(_load(single, "cross"), _load(sharded, "straight"), atol=1e-5)
 
 
 def test_a_checkpoint_of_other_parameters_is_refused(tmp_path):

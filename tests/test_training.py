@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_same_tensors
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -33,12 +33,6 @@ def _overrides(run: Path, cache: Path, *extra: str) -> list[str]:
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").is_file() else "trainable.safetensors"
     return load_file(str(folder / name))
-
-
-def _assert_same(a: dict, b: dict, atol=1e-6):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
 RESUME = ["train.steps=24", "train.checkpoint_every=8", "train.ema_decay=0.9", "train.lr_scheduler=cosine",
@@ -68,8 +62,8 @@ def test_resume_after_sigkill_matches_uninterrupted(uninterrupted, tmp_path, cac
     assert proc.returncode == -signal.SIGKILL and not (run / "final").exists()
 
     resumed = train(RECIPE, _overrides(run, cache_dir, *RESUME, "resume=latest"), show_progress=False)
-    _assert_same(_weights(resumed), _weights(uninterrupted))  # EMA weights (final/)
-    _assert_same(_weights(run / "final-raw"), _weights(uninterrupted.parent / "final-raw"))
+    assert_same_tensors(_weights(resumed), _weights(uninterrupted))  # EMA weights (final/)
+    assert_same_tensors(_weights(run / "final-raw"), _weights(uninterrupted.parent / "final-raw"))
 
 
 def test_ctrl_c_saves_checkpoint_and_resume_completes(uninterrupted, tmp_path, cache_dir, monkeypatch):
@@ -92,7 +86,7 @@ def test_ctrl_c_saves_checkpoint_and_resume_completes(uninterrupted, tmp_path, c
     assert json.loads((exc.value.checkpoint / "state.json").read_text())["step"] == 5
     monkeypatch.setattr(trainer.LossFn, "__call__", real_call)
     resumed = trainer.train(RECIPE, _overrides(run, cache_dir, *RESUME, "resume=latest"), show_progress=False)
-    _assert_same(_weights(resumed), _weights(uninterrupted))
+    assert_same_tensors(_weights(resumed), _weights(uninterrupted))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
