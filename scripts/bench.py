@@ -38,6 +38,8 @@ sys.path.insert(0, str(REPO))
 # Required FLOPs per image (shared/PERF.md): full step = 3x forward; LoRA = linear 2x, attention 3x.
 STEP_TFLOP = {("lora", 1024): 15.3, ("full", 1024): 19.5, ("lora", 512): 2.6, ("full", 512): 3.71}
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}  # measured bf16 dense matmul (shared/PERF.md, KINDS.md)
+# Multi-GPU launches: NVLink multicast (NVLS) stays off on the lent machines (their KINDS.md says why).
+NO_NVLINK_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 OFFICIAL_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                          "proj", "linear", "linear_1", "linear_2"]  # fmt: skip
 
@@ -362,7 +364,7 @@ def multi_gpu(args, work: Path) -> dict:
     data = write_photos(work / "photos-1024", 4 * args.batch, 1024)
     steps = args.steps or 40
     out = {}
-    env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    env = {**os.environ, **NO_NVLINK_MULTICAST}
     variants = [("lora", 1, ""), ("lora", 2, ""), ("full", 1, ""), ("full", 2, ""), ("full", 2, "fsdp")]
     for method, n, sharding in variants:
         name = f"{method}-{sharding + '-' if sharding else ''}{n}gpu"

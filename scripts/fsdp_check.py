@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from bench import NO_NVLINK_MULTICAST  # scripts/ is on sys.path when run as a script
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +32,7 @@ COMMON = ["train.method=full", "train.lr=2e-4", "train.steps=8", "train.checkpoi
           "train.mixed_precision=no", "model.weight_dtype=fp32", "train.log_every=1", "train.log_with=none",
           "train.optimizer=adamw", "validation.prompts=[a photo of a cat]", "validation.seeds=[1]",
           "validation.every=4", "validation.steps=2", "validation.height=64", "validation.width=64"]  # fmt: skip
-ENV = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+ENV = {**os.environ, **NO_NVLINK_MULTICAST}
 
 
 def launch(run: Path, cache: Path, gpus: int, *extra: str) -> None:
