@@ -95,7 +95,9 @@ class TrainConfig(_Section):
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0)  # EMA of the trained weights; None = off
     ema_on_cpu: bool = False
     compile: Literal["none", "regional", "full"] = "none"  # regional = each transformer block
-    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"  # SDPA kernel preference
+    # SDPA kernel preference; fa4 = FlashAttention-4 for the self-attention (pip install flash-attn-4;
+    # Hopper/Blackwell), cuDNN for the rest
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math", "fa4"] = "auto"
     # LoRA only: the frozen base linears of the transformer blocks run their matmuls in FP8 (e4m3,
     # one scale per row) on Hopper GPUs; faster, slightly different numerics (see README "Speed").
     fp8: bool = False

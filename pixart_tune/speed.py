@@ -4,7 +4,8 @@ Regional compile (`train.compile: regional`) compiles each transformer block on 
 blocks share one compiled graph, so warm-up takes seconds instead of minutes and the speed is that
 of whole-model compile (shared/PERF.md). The attention preference puts a kernel first in SDPA's
 priority list: at 1024 px, cuDNN's fused attention runs PixArt's self-attention (head dim 72) much
-faster than flash or memory-efficient attention on Hopper.
+faster than flash or memory-efficient attention on Hopper. `fa4` (fa4.py) goes further for the
+self-attention.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def attention_context(preference: str):
     """A context manager that makes SDPA try `preference` first (falling back to the others)."""
     if preference == "auto":
         return contextlib.nullcontext()
+    if preference == "fa4":  # self-attention runs FA4 (fa4.py); the cross-attention left to SDPA wants cuDNN
+        preference = "cudnn"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     first = getattr(SDPBackend, _BACKENDS[preference])

@@ -154,6 +154,10 @@ def prepare_model(cfg: Config, base: str):
         for name, module in model.named_modules():
             if any(name == f or name.startswith(f + ".") for f in t.freeze):
                 module.requires_grad_(False)
+    if t.attention == "fa4":
+        from .fa4 import use_fa4
+
+        use_fa4(model)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

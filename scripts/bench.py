@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -257,7 +258,7 @@ def run_sections(args, work: Path) -> dict:
     from pixart_tune.tiny import embedded_tiny_path
 
     smoke = args.smoke
-    want = set(args.only or ["cache", "lora", "fp8", "full", "lora512", "full512", "memory", "baselines", "inference"])
+    want = set(args.only or ["cache", "lora", "fp8", "full", "fa4", "lora512", "full512", "memory", "baselines", "inference"])
     res, batch = (256, 2) if smoke else (1024, args.batch)
     steps = args.steps or (4 if smoke else 40)
     dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
@@ -297,6 +298,11 @@ def run_sections(args, work: Path) -> dict:
         ours("lora_fp8", base, data, res, [*fast, "train.fp8=true"])  # frozen base linears in FP8
     if "full" in want:
         ours("full", base, data, res, [*fast, "train.method=full", "train.lr=1e-5"])
+    if "fa4" in want and not smoke:  # FlashAttention-4 self-attention (pip install flash-attn-4; Hopper+)
+        fa4 = [*fast, "train.attention=fa4"]
+        ours("lora_fa4", base, data, res, fa4)
+        ours("lora_fa4_fp8", base, data, res, [*fa4, "train.fp8=true"])
+        ours("full_fa4", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5"])
     if "lora512" in want:
         ours("lora512", base512, data512, 512 if not smoke else 256, [*fast])
     if "full512" in want:
@@ -329,6 +335,9 @@ def print_table(r: dict) -> None:
     rows = [("ours: LoRA r16 attn+ff", "lora", "lora", r["resolution"]),
             ("ours: LoRA r16 attn+ff, train.fp8", "lora_fp8", "lora", r["resolution"]),
             ("ours: full fine-tune", "full", "full", r["resolution"]),
+            ("ours: LoRA, train.attention=fa4", "lora_fa4", "lora", r["resolution"]),
+            ("ours: LoRA, fa4 + fp8", "lora_fa4_fp8", "lora", r["resolution"]),
+            ("ours: full fine-tune, fa4", "full_fa4", "full", r["resolution"]),
             ("ours: LoRA r16, 512 px", "lora512", "lora", 512), ("ours: full fine-tune, 512 px", "full512", "full", 512),
             ("ours: LoRA, batch 1, grad ckpt", "lora_bs1_ckpt", "lora", r["resolution"]),
             ("ours: full, recipe (ckpt, 8-bit AdamW)", "full_recipe_24g", "full", r["resolution"]),
@@ -427,9 +436,9 @@ def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
         totals[group] = totals.get(group, 0.0) + event.device_time_total / 1e3  # ms
     all_ms = sum(totals.values())
-    top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
+    top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:30]
     result = {"gpu_ms_per_step": all_ms / 12, "share": {g: t / all_ms for g, t in sorted(totals.items(), key=lambda x: -x[1])},
-              "top_kernels_ms": {e.key[:90]: e.device_time_total / 1e3 for e in top}}  # fmt: skip
+              "top_kernels_ms_per_step": {e.key[:120]: e.device_time_total / 1e3 / 12 for e in top}}  # fmt: skip
     print(json.dumps(result, indent=2))
     return result
 
@@ -440,7 +449,7 @@ def main(argv=None) -> int:
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
     p.add_argument("--profile", action="store_true", help="GPU time of the LoRA step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: cache lora fp8 full lora512 full512 memory baselines inference")  # fmt: skip
+                   help="sections: cache lora fp8 full fa4 lora512 full512 memory baselines inference")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp folder)")
@@ -453,6 +462,8 @@ def main(argv=None) -> int:
             results["profile"] = profile_step(args, work)
             if torch.cuda.get_device_capability() >= (9, 0):
                 results["profile_fp8"] = profile_step(args, work, ("train.fp8=true",))
+                if importlib.util.find_spec("flash_attn") is not None:
+                    results["profile_fa4"] = profile_step(args, work, ("train.attention=fa4",))
         if args.multi_gpu:
             results["multi_gpu"] = multi_gpu(args, work)
     else:

@@ -1,0 +1,154 @@
+"""train.attention=fa4: the self-attention processor, its head padding, and its start-up checks.
+
+FlashAttention-4 itself runs only on Hopper/Blackwell GPUs; on CPU the processor is given an SDPA
+kernel with the same contract, which checks everything of ours (layout, padding, scale, wiring).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from conftest import tiny_forward
+
+from pixart_tune.config import LoraConfig, TrainConfig
+from pixart_tune.fa4 import FA4SelfAttention, padded_attention, sdpa_attention, use_fa4
+from pixart_tune.lora import add_lora
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _qkv(d, n=24, nk=None, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(2, n, 3, d), (2, nk or n, 3, d), (2, nk or n, 3, d)]
+    return [torch.randn(s, generator=g, dtype=dtype).requires_grad_() for s in shapes]
+
+
+@pytest.mark.parametrize("d", [72, 64, 16])
+def test_padded_attention_equals_unpadded_values_and_grads(d):
+    q, k, v = _qkv(d)
+    seen = []
+
+    def kernel(q, k, v, scale):
+        seen.append((q.shape[-1], scale))
+        return sdpa_attention(q, k, v, scale)
+
+    out = padded_attention(q, k, v, kernel)
+    ref = sdpa_attention(q, k, v, d**-0.5)
+    assert out.shape == ref.shape == q.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), go)
+    for a, b in zip(grads, ref_grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    padded = -(-d // 32) * 32
+    assert seen == [(padded, d**-0.5)]  # the kernel saw padded heads and the true scale
+
+
+def test_sdpa_attention_is_attention_over_b_n_h_d():
+    q, k, v = _qkv(8, n=5, nk=7)
+    out = sdpa_attention(q, k, v, 0.5)
+    # per batch and head: softmax(q k^T * scale) v
+    qh, kh, vh = (t.detach().permute(0, 2, 1, 3) for t in (q, k, v))
+    manual = torch.softmax(qh @ kh.transpose(-1, -2) * 0.5, dim=-1) @ vh
+    torch.testing.assert_close(out.detach(), manual.permute(0, 2, 1, 3), rtol=1e-5, atol=1e-6)
+
+
+def _transformer(tiny_base):
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel.from_pretrained(tiny_base, subfolder="transformer")
+
+
+def test_processor_on_the_tiny_model_matches_diffusers_attention(tiny_base):
+    plain = _transformer(tiny_base)
+    fast = copy.deepcopy(plain)
+    calls = []
+
+    def kernel(q, k, v, scale):
+        calls.append(q.shape)
+        return sdpa_attention(q, k, v, scale)
+
+    assert use_fa4(fast, kernel=kernel) == len(fast.transformer_blocks)
+    for block in fast.transformer_blocks:
+        assert isinstance(block.attn1.processor, FA4SelfAttention)
+        assert not isinstance(block.attn2.processor, FA4SelfAttention)  # cross-attention untouched
+    ref, out = tiny_forward(plain), tiny_forward(fast)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    blocks, heads, head_dim = len(fast.transformer_blocks), plain.config.num_attention_heads, plain.config.attention_head_dim
+    assert len(calls) == blocks and all(c[2:] == (heads, -(-head_dim // 32) * 32) for c in calls)
+
+
+def test_lora_gradients_flow_through_the_processor(tiny_base):
+    model = add_lora(_transformer(tiny_base), LoraConfig(rank=4, dropout=0.0, targets="attention"), str(tiny_base))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    fast = copy.deepcopy(model)
+    use_fa4(fast, kernel=sdpa_attention)
+
+    def grads(m):
+        m.zero_grad()
+        with torch.enable_grad():
+            out = m(hidden_states=torch.ones(2, 4, 16, 16), encoder_hidden_states=torch.ones(2, 7, 32) * 0.1,
+                    timestep=torch.tensor([10, 700]), encoder_attention_mask=torch.ones(2, 7),
+                    added_cond_kwargs={"resolution": torch.tensor([[128.0, 128.0]] * 2),
+                                       "aspect_ratio": torch.tensor([[1.0]] * 2)}).sample  # fmt: skip
+            out.square().mean().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    ref, got = grads(model), grads(fast)
+    assert ref.keys() == got.keys() and any("attn1.to_q" in n for n in got)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_processor_refuses_a_mask_or_cross_attention(tiny_base):
+    attn = _transformer(tiny_base).transformer_blocks[0].attn1
+    x = torch.randn(1, 4, attn.to_q.in_features)
+    proc = FA4SelfAttention(sdpa_attention)
+    with pytest.raises(ValueError, match="self-attention without a mask"):
+        proc(attn, x, attention_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="self-attention without a mask"):
+        proc(attn, x, encoder_hidden_states=x)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn-4 is installed here")
+def test_use_fa4_without_the_package_names_the_fix(tiny_base):
+    with pytest.raises(RuntimeError, match="pip install flash-attn-4.*train.attention=cudnn"):
+        use_fa4(_transformer(tiny_base))
+
+
+def test_config_takes_fa4():
+    assert TrainConfig(attention="fa4").attention == "fa4"
+    with pytest.raises(ValueError):
+        TrainConfig(attention="fa3")
+
+
+HOPPER_FA4 = (
+    torch.cuda.is_available()
+    and torch.cuda.get_device_capability()[0] >= 9
+    and importlib.util.find_spec("flash_attn") is not None
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER_FA4, reason="needs flash-attn-4 and a Hopper/Blackwell GPU")
+@pytest.mark.parametrize("d", [72, 64])
+def test_fa4_kernel_matches_fp32_attention_on_gpu(d):
+    """PixArt's shape (head dim 72, padded to 96) and an unpadded one against fp32 math attention."""
+    q, k, v = (t.detach().cuda().bfloat16().requires_grad_() for t in _qkv(d, n=1024))
+    out = padded_attention(q, k, v)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = sdpa_attention(qf, kf, vf, d**-0.5)
+    ref_grads = torch.autograd.grad(ref, (qf, kf, vf), go.float())
+    for a, b in zip((out, *grads), (ref, *ref_grads)):
+        err = ((a.float() - b).abs().max() / b.abs().max()).item()
+        assert err < 2e-2, err  # bf16 inputs; a wrong dq (the unpadded bug) gives ~1.0
