@@ -9,7 +9,6 @@ guards. accelerate is the engine, so the same code runs on one process or severa
 from __future__ import annotations
 
 import json
-import math
 import signal
 import threading
 import time
@@ -17,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -98,7 +98,9 @@ class LossFn:
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g, device=mean.device) for g in gens])
         latents = (mean + std * eps) * self.scaling
         drop = torch.stack([torch.rand((), generator=g, device=mean.device) for g in gens]) < self.caption_dropout
-        embeds, mask = _drop_captions(batch["embeds"], batch["mask"], self.null, drop)
+        embeds, mask = batch["embeds"], batch["mask"]  # (B, L, 4096), (B, L)
+        if self.caption_dropout > 0:
+            embeds, mask = _drop_captions(embeds, mask, self.null, drop)
         x_t, noise, timesteps = self.objective.sample(latents, gens)
         if self.micro_cond:  # 1024-MS: the bucket's (h, w) and h/w, as the pipeline feeds at inference
             cond = {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]}
@@ -113,18 +115,17 @@ class LossFn:
 
 
 def _drop_captions(embeds, mask, null, drop: torch.Tensor):
-    """Replace the captions where `drop` is set by the cached T5("") (classifier-free guidance)."""
-    if not bool(drop.any()):
-        return embeds, mask
-    length = max(embeds.shape[1], null["embeds"].shape[0])
-    e = embeds.new_zeros((embeds.shape[0], length, embeds.shape[2]))
-    m = mask.new_zeros((mask.shape[0], length))
-    e[:, : embeds.shape[1]], m[:, : mask.shape[1]] = embeds, mask
-    n = null["embeds"].shape[0]
-    e[drop], m[drop] = 0, 0
-    e[drop, :n] = null["embeds"].to(e.dtype)
-    m[drop, :n] = null["mask"].to(m.dtype)
-    return e, m
+    """Replace the captions where `drop` is set by the cached T5("") (classifier-free guidance).
+
+    embeds (B, L, D), mask (B, L), null {"embeds": (n, D), "mask": (n,)}, drop (B,) bool. No host
+    sync (no branch on `drop`): both sides are padded to max(L, n) with masked zeros and selected per
+    sample; masked tokens are ignored by the cross-attention, so the padding changes nothing.
+    """
+    length, n = max(embeds.shape[1], null["embeds"].shape[0]), null["embeds"].shape[0]
+    e, m = F.pad(embeds, (0, 0, 0, length - embeds.shape[1])), F.pad(mask, (0, length - mask.shape[1]))
+    null_e = F.pad(null["embeds"].to(e.dtype), (0, 0, 0, length - n))
+    null_m = F.pad(null["mask"].to(m.dtype), (0, length - n))
+    return torch.where(drop[:, None, None], null_e, e), torch.where(drop[:, None], null_m, m)
 
 
 def prepare_model(cfg: Config, base: str):
@@ -304,9 +305,24 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     model.train()
     started, samples, step_loss = time.perf_counter(), 0, float("nan")
     window_start, window_samples = started, 0  # throughput over the last logging interval
+    # The GPU runs ahead of Python: the step loss stays on the device, and the host reads it (a sync)
+    # only where it needs it: logging, validation, checkpoints, the end. `first_bad` remembers the
+    # first step whose loss was not finite, so the error still names it.
+    loss_t = torch.zeros((), device=accelerator.device)
+    first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
+
+    def read_loss(step: int) -> float:
+        bad = int(first_bad)
+        if bad:
+            raise NonFiniteLoss(
+                f"loss became non-finite at step {bad}; the run stopped at step {step}. The last good checkpoint is "
+                f"kept under {run_dir / 'checkpoints'}; lower train.lr, set train.max_grad_norm, or use bf16/fp32"
+            )
+        return float(loss_t)
+
     try:
         for step in range(start, t.steps):
-            step_loss = 0.0
+            loss_t = torch.zeros((), device=accelerator.device)
             for micro in range(t.grad_accum):
                 batch, trained = next(batches)
                 size = batch["mean"].shape[0]
@@ -320,23 +336,19 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
                     if accelerator.sync_gradients:
                         lr_schedule.step()
                     optimizer.zero_grad(set_to_none=True)
-                step_loss += float(accelerator.reduce(loss.detach(), "mean")) / t.grad_accum
+                loss_t = loss_t + accelerator.reduce(loss.detach(), "mean") / t.grad_accum
                 samples += size * world
                 window_samples += size * world
-            if not math.isfinite(step_loss):
-                raise NonFiniteLoss(
-                    f"loss became {step_loss} at step {step + 1}; the run stopped. The last good checkpoint is kept "
-                    f"under {run_dir / 'checkpoints'}; lower train.lr, set train.max_grad_norm, or use bf16/fp32"
-                )
+            done = step + 1
+            first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss_t), done, first_bad)
             if ema is not None:
                 ema.update()
-            done = step + 1
-            lr = lr_schedule.get_last_lr()[0]
-            now = time.perf_counter()
-            rate = window_samples / max(now - window_start, 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
             if done % t.log_every == 0 or done == start + 1 or done == t.steps:
+                step_loss, lr = read_loss(done), lr_schedule.get_last_lr()[0]
+                now = time.perf_counter()
+                rate = window_samples / max(now - window_start, 1e-9)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
                 row = {"loss": step_loss, "lr": lr, "samples_per_s": rate}
                 if torch.cuda.is_available():  # this process's peak so far (under FSDP: its shard's share)
                     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -346,14 +358,15 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
                     metrics.flush()
                 window_start, window_samples = now, 0
             if validator and cfg.validation.every and done % cfg.validation.every == 0 and done != t.steps:
+                read_loss(done)
                 validator(accelerator.unwrap_model(model), done, run_dir / "samples", save=main)
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-                checkpoint(done, step_loss)
-            stop = torch.tensor(float(bool(interrupted)), device=accelerator.device)
+                checkpoint(done, read_loss(done))
+            stop = bool(interrupted)
             if world > 1:  # processes may see the signal a step apart: agree before the collective save
-                stop = accelerator.reduce(stop, "sum")
-            if stop.item() > 0:
-                raise TrainingInterrupted(checkpoint(done, step_loss))
+                stop = accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "sum").item() > 0
+            if stop:
+                raise TrainingInterrupted(checkpoint(done, read_loss(done)))
     finally:
         batches.close()
         bar.close()

@@ -258,3 +258,32 @@ def test_lora_learns_a_single_concept(tmp_path, cache_dir):
     base_gap = (channel_means(0.0) - target).norm()
     lora_gap = (channel_means(1.0) - target).norm()
     assert lora_gap < 0.7 * base_gap, (base_gap, lora_gap)
+
+
+def test_caption_dropout_swaps_in_the_null_caption_per_sample():
+    from pixart_tune.trainer import _drop_captions
+
+    embeds, mask = torch.randn(3, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    null = {"embeds": torch.randn(2, 4), "mask": torch.tensor([1, 1])}
+    e, m = _drop_captions(embeds, mask, null, torch.tensor([False, True, False]))
+    assert torch.equal(e[[0, 2]], embeds[[0, 2]]) and torch.equal(m[[0, 2]], mask[[0, 2]])
+    assert torch.equal(e[1, :2], null["embeds"]) and not e[1, 2:].any()
+    assert m[1].tolist() == [1, 1, 0, 0, 0]
+    # a null caption longer than the batch's captions: everything is padded with masked zeros
+    long_null = {"embeds": torch.randn(7, 4), "mask": torch.ones(7, dtype=torch.long)}
+    e, m = _drop_captions(embeds, mask, long_null, torch.tensor([True, False, False]))
+    assert e.shape == (3, 7, 4) and m.shape == (3, 7)
+    assert torch.equal(e[0], long_null["embeds"]) and m[0].tolist() == [1] * 7
+    assert torch.equal(e[1, :5], embeds[1]) and not e[1, 5:].any() and m[1].tolist() == [1] * 5 + [0, 0]
+
+
+def test_caption_dropout_trains_and_changes_the_result(tmp_path, cache_dir):
+    from pixart_tune import train
+
+    common = ["train.steps=3", "train.log_every=1"]
+    plain = train(RECIPE, _overrides(tmp_path / "plain", cache_dir, *common), show_progress=False)
+    dropped = train(RECIPE, _overrides(tmp_path / "drop", cache_dir, *common, "train.caption_dropout=1.0"),
+                    show_progress=False)  # fmt: skip
+    a, b = _weights(plain), _weights(dropped)
+    assert a.keys() == b.keys() and all(torch.isfinite(v).all() for v in b.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # every caption replaced by T5(""): other gradients
