@@ -101,6 +101,9 @@ class TrainConfig(_Section):
     # LoRA only: the frozen base linears of the transformer blocks run their matmuls in FP8 (e4m3,
     # one scale per row) on Hopper GPUs; faster, slightly different numerics (see README "Speed").
     fp8: bool = False
+    # LoRA: the adapter's up-projection and gradient sums ride in the base layer's matmuls
+    # (lora_fused.py; the same maths as peft's forward). false = peft's own forward.
+    fused_lora: bool = True
     log_every: int = Field(10, ge=1)
     log_with: Literal["tensorboard", "none"] = "tensorboard"
 

@@ -150,6 +150,10 @@ def prepare_model(cfg: Config, base: str):
             from .fp8 import apply_fp8
 
             apply_fp8(model)
+        if t.fused_lora:  # after fp8: layers whose base became FP8Linear keep peft's forward
+            from .lora_fused import fuse_lora_linears
+
+            fuse_lora_linears(model)
     else:
         model = transformer.requires_grad_(True)
         for name, module in model.named_modules():

@@ -301,6 +301,7 @@ def run_sections(args, work: Path) -> dict:
     if "fa4" in want and not smoke:  # FlashAttention-4 self-attention (pip install flash-attn-4; Hopper+)
         fa4 = [*fast, "train.attention=fa4"]
         ours("lora_fa4", base, data, res, fa4)
+        ours("lora_fa4_peft", base, data, res, [*fa4, "train.fused_lora=false"])  # peft's own LoRA forward
         ours("lora_fa4_fp8", base, data, res, [*fa4, "train.fp8=true"])
         ours("full_fa4", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5"])
     if "lora512" in want:
@@ -336,6 +337,7 @@ def print_table(r: dict) -> None:
             ("ours: LoRA r16 attn+ff, train.fp8", "lora_fp8", "lora", r["resolution"]),
             ("ours: full fine-tune", "full", "full", r["resolution"]),
             ("ours: LoRA, train.attention=fa4", "lora_fa4", "lora", r["resolution"]),
+            ("ours: LoRA, fa4, peft's LoRA forward", "lora_fa4_peft", "lora", r["resolution"]),
             ("ours: LoRA, fa4 + fp8", "lora_fa4_fp8", "lora", r["resolution"]),
             ("ours: full fine-tune, fa4", "full_fa4", "full", r["resolution"]),
             ("ours: LoRA r16, 512 px", "lora512", "lora", 512), ("ours: full fine-tune, 512 px", "full512", "full", 512),

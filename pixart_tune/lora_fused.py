@@ -1,0 +1,119 @@
+"""A LoRA linear whose adapter rides inside the base layer's matmuls (same maths as peft's forward).
+
+peft computes `base(x) + lora_B(lora_A(x)) * scaling` as separate kernels: the base GEMM writes its
+(M, N) output, the up-projection writes another (M, N) tensor and an add sums them; under autocast
+lora_A also casts x to fp32 and back, and autograd keeps that extra bf16 copy of x for the backward.
+Here the adapter term enters the base GEMM as its C operand (cuBLAS reads it in the epilogue, `addmm`
+with beta = 1), and the backward is written out, keeping only x itself and the (M, r) projection:
+
+    forward   h  = x @ A^T                      (M, r)
+              l  = bias + h @ (s B)^T           (M, N)  the small GEMM writes the adapter term once
+              y  = l + x @ W^T                  (M, N)  read as C by the base GEMM: no separate add
+    backward  dh = dy @ (s B)                   (M, r)
+              dx = dh @ A + dy @ W              (M, K)  again one GEMM reading the other as C
+              dA = dh^T @ x,  dB = s dy^T @ h   the adapter's weight gradients (W is frozen)
+
+Measured on an H100 (README, Performance): 4.3 GiB less peak memory at batch 8, 1024 px; the speed
+is the same within noise, torch.compile having already fused most of peft's adds into neighbouring
+kernels. The result equals peft's up to rounding (one bf16 rounding of the sum instead of two);
+tests compare the two on the tiny model. Engaged only where it is exactly vanilla LoRA: one active
+adapter, not merged, no dropout, no DoRA, an nn.Linear base; otherwise peft's own forward runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the matmuls run in: autocast's where autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float):
+        # x (..., K); weight (N, K) frozen; bias (N,) frozen or None; lora_a (r, K); lora_b (N, r)
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
+            w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * scaling).to(dtype)
+            h = x2 @ a.t()  # (M, r)
+            if bias is not None:
+                lora_term = torch.addmm(bias.to(dtype), h, b.t())  # (M, N): bias + s h B^T
+            else:
+                lora_term = h @ b.t()
+            y = torch.addmm(lora_term, x2, w.t())  # + x W^T, summed in the GEMM's epilogue
+        ctx.save_for_backward(x2, h, weight, lora_a, lora_b)
+        ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, x.shape, x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
+        return y.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, h, weight, lora_a, lora_b = ctx.saved_tensors
+        dtype, s = ctx.dtype, ctx.scaling
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (M, N)
+            w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * s).to(dtype)
+            dh = dy2 @ b  # (M, r)
+            dx = grad_a = grad_b = None
+            if ctx.needs_input_grad[0]:
+                dx = torch.addmm(dh @ a, dy2, w).reshape(ctx.x_shape).to(ctx.x_dtype)
+            if ctx.needs_input_grad[3]:
+                grad_a = (dh.t() @ x2).to(lora_a.dtype)  # (r, K)
+            if ctx.needs_input_grad[4]:
+                grad_b = (dy2.t() @ h).mul_(s).to(lora_b.dtype)  # (N, r); s applied in the output dtype
+        grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("the fused LoRA linear keeps its base weight frozen")
+        return dx, None, grad_bias, grad_a, grad_b, None
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """y = x W^T + bias + scaling * (x A^T) B^T, with the fused kernels above."""
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling)
+
+
+def _vanilla_adapter(layer) -> str | None:
+    """The one adapter name if `layer` runs exactly vanilla LoRA right now, else None."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in layer.lora_variant or layer.fan_in_fan_out:
+        return None
+    if not isinstance(layer.lora_dropout[name], nn.Identity) or type(layer.base_layer) is not nn.Linear:
+        return None
+    return name
+
+
+def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    name = None if (args or kwargs) else _vanilla_adapter(self)
+    if name is None:
+        return self._peft_forward(x, *args, **kwargs)
+    base = self.base_layer
+    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def fuse_lora_linears(model: nn.Module) -> int:
+    """Give every peft LoRA nn.Linear of `model` the fused forward (a subclass, so peft's saving,
+    merging and isinstance checks are unchanged). Returns how many layers were changed."""
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    changed = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls is PeftLoraLinear or (issubclass(cls, PeftLoraLinear) and cls not in _FUSED_CLASSES.values()):
+            if cls not in _FUSED_CLASSES:
+                _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {
+                    "forward": _fused_forward, "_peft_forward": cls.forward, "__module__": __name__,
+                })  # fmt: skip
+            module.__class__ = _FUSED_CLASSES[cls]
+            changed += 1
+    return changed
