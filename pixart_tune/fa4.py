@@ -6,14 +6,18 @@ the head up. FlashAttention-4 (`pip install flash-attn-4`, CuTe DSL kernels comp
 does the forward and backward at this shape in less time on Hopper, measured in scripts/bench.py.
 
 Two things shape this module:
-- flash-attn-4 4.0.0b36's Hopper backward returns a wrong dq for head dims 72 and 80 (its kernel
-  lays out the fp32 dq accumulator in tiles of 80 while the conversion step reads tiles of 96; seen
-  on an H100). So the heads are zero-padded to a multiple of 32 and the output sliced back: zero
-  columns add nothing to q.k and produce zero output columns, and the softmax scale stays
-  1/sqrt(72). The padded path was checked against fp32 math attention on the H100 (GPU test below).
+- flash-attn-4 (4.0.0b36 and every earlier 4.0 beta) returns a wrong dq on Hopper for head dims
+  that are a multiple of 16 but not of 32 (72 among them): the backward kernel lays its fp32 dq
+  accumulator out in head tiles rounded to 16 (80 for 72), the step that converts it to bf16 reads
+  tiles rounded to 32 (96). `use_fa4` checks dq against fp32 attention on a small input first. If
+  it is wrong, it makes the conversion step use the kernel's tiling (`install_dq_fix`, one argument
+  of flash-attn's private `_bwd_postprocess_convert`) and checks again. Only if that fails too are
+  the heads zero-padded to a multiple of 32 (exact: zero columns add nothing to q.k, the extra
+  output columns are sliced off, the softmax scale stays 1/sqrt(72)), which costs copies and FLOPs.
+  On an H100 at 1024 px: cuDNN 6.85 ms, FA4 padded 5.86 ms, FA4 unpadded with the fix 5.06 ms for
+  one layer's forward+backward, dq within bf16 rounding of fp32 attention.
 - The kernels are opaque to torch.compile, so the call is excluded from compilation; regional
-  compile then compiles each block's graph before and after it (the q/k/v padding fuses into the
-  projections' epilogue there).
+  compile then compiles each block's graph before and after it.
 
 Cross-attention (120 text tokens, masked) stays on SDPA, where cuDNN is faster at that shape.
 """
@@ -26,7 +30,7 @@ from torch import Tensor, nn
 
 from .speed import transformer_blocks
 
-HEAD_MULTIPLE = 32  # pad heads to this (see the module docstring)
+HEAD_MULTIPLE = 32  # pad heads to this when the dq check fails (see the module docstring)
 
 
 def _flash_attn_func():
@@ -58,13 +62,13 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return out.transpose(1, 2)
 
 
-def padded_attention(q: Tensor, k: Tensor, v: Tensor, kernel=_fa4) -> Tensor:
-    """Attention over (B, N, H, D) tensors with D zero-padded to a multiple of HEAD_MULTIPLE for `kernel`.
+def padded_attention(q: Tensor, k: Tensor, v: Tensor, kernel=_fa4, multiple: int = HEAD_MULTIPLE) -> Tensor:
+    """Attention over (B, N, H, D) tensors with D zero-padded to a multiple of `multiple` for `kernel`.
 
     `kernel(q, k, v, scale)` takes padded (B, N, H, D') tensors and the scale for the true D.
     """
     d = q.shape[-1]
-    pad = -d % HEAD_MULTIPLE
+    pad = -d % multiple
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     out = kernel(q, k, v, d**-0.5)
@@ -74,8 +78,9 @@ def padded_attention(q: Tensor, k: Tensor, v: Tensor, kernel=_fa4) -> Tensor:
 class FA4SelfAttention:
     """Attention processor for a block's self-attention (diffusers' Attention, no mask, no norms)."""
 
-    def __init__(self, kernel=_fa4):
+    def __init__(self, kernel=_fa4, pad_multiple: int = HEAD_MULTIPLE):
         self.kernel = kernel  # tests pass an SDPA-based kernel to check the layout and padding on CPU
+        self.pad_multiple = pad_multiple  # 1 = no padding
 
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> Tensor:  # fmt: skip
@@ -84,26 +89,96 @@ class FA4SelfAttention:
         b, n, _ = hidden_states.shape  # (B, N, C) tokens
         heads = attn.heads
         q, k, v = (proj(hidden_states).view(b, n, heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        out = padded_attention(q, k, v, self.kernel)  # (B, N, H, D)
+        out = padded_attention(q, k, v, self.kernel, self.pad_multiple)  # (B, N, H, D)
         out = attn.to_out[0](out.reshape(b, n, -1).to(q.dtype))
         return attn.to_out[1](out)  # dropout (identity in PixArt)
 
 
-def use_fa4(model: nn.Module, kernel=_fa4) -> int:
+def install_dq_fix() -> bool:
+    """Make flash-attn-4's dq conversion step on Hopper read the accumulator in the backward kernel's
+    head tiling (rounded to 16, not 32). Idempotent; False where this flash-attn-4 has no such step."""
+    import inspect
+
+    from flash_attn.cute import interface
+
+    convert = interface._bwd_postprocess_convert
+    if getattr(convert, "pixart_tune_dq_fix", False):
+        return True
+    if "hdim_multiple_of" not in inspect.signature(convert).parameters or not hasattr(convert, "compile_cache"):
+        return False
+
+    def fixed(accum, output, scale, cu_seqlens, seqused, arch, *args, hdim_multiple_of=32, **kwargs):
+        if arch // 10 == 9 and hdim_multiple_of == 32:  # SM90 without dKV_swapAB: the kernel tiles by 16
+            hdim_multiple_of = 16
+        return convert(accum, output, scale, cu_seqlens, seqused, arch, *args, hdim_multiple_of=hdim_multiple_of, **kwargs)
+
+    fixed.compile_cache = convert.compile_cache
+    fixed.pixart_tune_dq_fix, fixed.original = True, convert
+    interface._bwd_postprocess_convert = fixed
+    return True
+
+
+def _dq_fix_installed() -> bool:
+    try:
+        from flash_attn.cute import interface
+    except ImportError:
+        return False
+    return bool(getattr(interface._bwd_postprocess_convert, "pixart_tune_dq_fix", False))
+
+
+def _remove_dq_fix() -> None:
+    from flash_attn.cute import interface
+
+    original = getattr(interface._bwd_postprocess_convert, "original", None)
+    if original is not None:
+        interface._bwd_postprocess_convert = original
+
+
+def dq_is_right(head_dim: int, kernel=_fa4) -> bool:
+    """FA4's output and all three gradients at this head dim against fp32 attention, on a small input."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(2, 256, 2, head_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = kernel(q, k, v, head_dim**-0.5)
+    got = (out, *torch.autograd.grad(out, (q, k, v), do))
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = sdpa_attention(qf, kf, vf, head_dim**-0.5)
+    want = (ref, *torch.autograd.grad(ref, (qf, kf, vf), do.float()))
+    return all(((a.float() - b).abs().max() / b.abs().max()).item() < 2e-2 for a, b in zip(got, want))
+
+
+def choose_head_padding(head_dim: int, check=dq_is_right) -> tuple[int, str]:
+    """(pad multiple, how): 1 where FA4 is right unpadded (as is, or with install_dq_fix), else HEAD_MULTIPLE."""
+    if check(head_dim):  # right as it is, or with the fix an earlier call installed
+        return 1, "unpadded, with the dq fix" if _dq_fix_installed() else "unpadded"
+    if install_dq_fix() and check(head_dim):
+        return 1, "unpadded, with the dq fix"
+    _remove_dq_fix()
+    return HEAD_MULTIPLE, f"heads zero-padded to a multiple of {HEAD_MULTIPLE}"
+
+
+def use_fa4(model: nn.Module, kernel=_fa4, pad_multiple: int | None = None) -> int:
     """Give every block's self-attention (attn1) the FA4 processor. Returns how many were changed.
 
     Checks that flash-attn-4 imports and the GPU is Hopper or newer first, so a run fails at start-up
-    with the fix named, not at its first step.
+    with the fix named, not at its first step; then checks dq at the model's head dim and picks the
+    padding (choose_head_padding) unless `pad_multiple` is given.
     """
+    blocks = transformer_blocks(model)
+    attn = blocks[0].attn1
     if kernel is _fa4:
         _flash_attn_func()
         if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
             raise RuntimeError("train.attention=fa4 needs a Hopper (sm90) or Blackwell GPU; set train.attention=cudnn")
-    blocks = transformer_blocks(model)
+        if pad_multiple is None:
+            head_dim = attn.inner_dim // attn.heads
+            pad_multiple, how = choose_head_padding(head_dim)
+            print(f"train.attention=fa4: FlashAttention-4 self-attention, head dim {head_dim}: {how}")
+    pad_multiple = HEAD_MULTIPLE if pad_multiple is None else pad_multiple
     for block in blocks:
         attn = block.attn1
         plain = attn.norm_q is None and attn.norm_k is None and attn.spatial_norm is None and attn.group_norm is None
         if not plain or attn.residual_connection or attn.rescale_output_factor != 1.0:
             raise ValueError("FA4SelfAttention supports PixArt's plain self-attention only")
-        attn.set_processor(FA4SelfAttention(kernel))
+        attn.set_processor(FA4SelfAttention(kernel, pad_multiple))
     return len(blocks)

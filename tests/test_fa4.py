@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
+import types
 
 import pytest
 import torch
 from conftest import tiny_forward
 
+from pixart_tune import fa4
 from pixart_tune.config import LoraConfig, TrainConfig
-from pixart_tune.fa4 import FA4SelfAttention, padded_attention, sdpa_attention, use_fa4
+from pixart_tune.fa4 import (
+    FA4SelfAttention,
+    choose_head_padding,
+    install_dq_fix,
+    padded_attention,
+    sdpa_attention,
+    use_fa4,
+)
 from pixart_tune.lora import add_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,6 +93,60 @@ def test_processor_on_the_tiny_model_matches_diffusers_attention(tiny_base):
     assert len(calls) == blocks and all(c[2:] == (heads, -(-head_dim // 32) * 32) for c in calls)
 
 
+def test_processor_without_padding_passes_the_true_head_dim(tiny_base):
+    plain = _transformer(tiny_base)
+    fast = copy.deepcopy(plain)
+    calls = []
+
+    def kernel(q, k, v, scale):
+        calls.append(q.shape[-1])
+        return sdpa_attention(q, k, v, scale)
+
+    use_fa4(fast, kernel=kernel, pad_multiple=1)
+    torch.testing.assert_close(tiny_forward(fast), tiny_forward(plain), rtol=1e-5, atol=1e-5)
+    assert set(calls) == {plain.config.attention_head_dim}
+
+
+def test_choose_head_padding_tries_the_fix_then_pads(monkeypatch):
+    events = []
+    monkeypatch.setattr(fa4, "install_dq_fix", lambda: events.append("install") or True)
+    monkeypatch.setattr(fa4, "_remove_dq_fix", lambda: events.append("remove"))
+    assert choose_head_padding(72, check=lambda d: True) == (1, "unpadded") and events == []
+    answers = iter([False, True])
+    assert choose_head_padding(72, check=lambda d: next(answers)) == (1, "unpadded, with the dq fix")
+    assert events == ["install"]
+    events.clear()
+    multiple, how = choose_head_padding(72, check=lambda d: False)
+    assert multiple == fa4.HEAD_MULTIPLE and "padded" in how and events == ["install", "remove"]
+
+
+def test_install_dq_fix_changes_only_the_hopper_non_swapped_tiling(monkeypatch):
+    """Against a stand-in for flash-attn-4's private conversion step (same signature)."""
+    seen = []
+
+    def convert(accum, output, scale, cu_seqlens, seqused, arch, dtype, hdim, block_size, *, hdim_multiple_of=32,
+                fake_mode=False):  # fmt: skip
+        seen.append((arch, hdim_multiple_of))
+
+    convert.compile_cache = {}
+    interface = types.SimpleNamespace(_bwd_postprocess_convert=convert)
+    cute = types.ModuleType("flash_attn.cute")
+    cute.interface = interface
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", interface)
+    assert install_dq_fix() and install_dq_fix()  # idempotent: wrapped once
+    fixed = interface._bwd_postprocess_convert
+    assert fixed is not convert and fixed.compile_cache is convert.compile_cache and fixed.original is convert
+    fixed(0, 0, 1.0, None, None, 90, "bf16", 72, 64, hdim_multiple_of=32, fake_mode=False)
+    fixed(0, 0, 1.0, None, None, 90, "bf16", 72, 64, hdim_multiple_of=64, fake_mode=False)  # dKV_swapAB: agrees already
+    fixed(0, 0, 1.0, None, None, 100, "bf16", 72, 64, hdim_multiple_of=32, fake_mode=False)  # Blackwell: untouched
+    assert seen == [(90, 16), (90, 64), (100, 32)]
+    assert choose_head_padding(72, check=lambda d: True) == (1, "unpadded, with the dq fix")  # says so
+    fa4._remove_dq_fix()
+    assert interface._bwd_postprocess_convert is convert
+
+
 def test_lora_gradients_flow_through_the_processor(tiny_base):
     model = add_lora(_transformer(tiny_base), LoraConfig(rank=4, dropout=0.0, targets="attention"), str(tiny_base))
     with torch.no_grad():
@@ -139,11 +203,15 @@ HOPPER_FA4 = (
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER_FA4, reason="needs flash-attn-4 and a Hopper/Blackwell GPU")
-@pytest.mark.parametrize("d", [72, 64])
-def test_fa4_kernel_matches_fp32_attention_on_gpu(d):
-    """PixArt's shape (head dim 72, padded to 96) and an unpadded one against fp32 math attention."""
+@pytest.mark.parametrize("d, multiple", [(72, 32), (72, "chosen"), (64, 1)])
+def test_fa4_kernel_matches_fp32_attention_on_gpu(d, multiple):
+    """PixArt's head dim 72 padded to 96 and as use_fa4 would choose (unpadded where the dq check,
+    with the fix if needed, passes), and an unpadded 64, against fp32 math attention."""
+    if multiple == "chosen":
+        multiple, how = choose_head_padding(d)
+        print(how)
     q, k, v = (t.detach().cuda().bfloat16().requires_grad_() for t in _qkv(d, n=1024))
-    out = padded_attention(q, k, v)
+    out = padded_attention(q, k, v, multiple=multiple)
     go = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), go)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
