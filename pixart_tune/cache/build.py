@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.buckets import bucket_table
 from ..data.captions import process_caption
+from ..data.digest_memo import DigestMemo
 from ..data.examples import Skipped
 from ..data.sources import DataError, iter_source
 from ..models import DTYPES, load_vae
@@ -128,7 +129,6 @@ def _scan(cfg: Config, keys: CacheKeys, root: Path, verify: bool, show_progress:
     """Hash every example; decide which latent variants and captions are missing."""
     d = cfg.data
     scan = _Scan()
-    seen: set[str] = set()
 
     def cached(kind: str, key: str) -> bool:
         path = shard(root, kind, key)
@@ -147,37 +147,42 @@ def _scan(cfg: Config, keys: CacheKeys, root: Path, verify: bool, show_progress:
             _reject_now(d.on_error, scan, item.origin, f"cannot read the image: {e}")
             return None
 
+    memo = DigestMemo(root)  # digests of unchanged files from earlier scans: no re-reading them
     source = iter_source(d.path, d.source, image_column=d.image_column, caption_column=d.caption_column,
-                         split=d.split, on_error=d.on_error)  # fmt: skip
-    for item in tqdm(source, desc="scanning", unit="ex", disable=not show_progress):
-        if isinstance(item, Skipped):  # a layout problem, already named by the source
-            scan.items.append({"origin": item.origin, "reason": item.reason})
-            continue
-        data, digest = None, item.digest  # the source hashed it already while looking for duplicates
-        if digest is None:
-            if (data := read_or_reject(item)) is None:
+                         split=d.split, on_error=d.on_error, digest_memo=memo)  # fmt: skip
+    seen: set[str] = set()
+    try:
+        for item in tqdm(source, desc="scanning", unit="ex", disable=not show_progress):
+            if isinstance(item, Skipped):  # a layout problem, already named by the source
+                scan.items.append({"origin": item.origin, "reason": item.reason})
                 continue
-            digest = image_digest(data)
-        caption = process_caption(item.caption, trigger=d.trigger, template=d.caption_template, clean=d.clean_caption)
-        ex = _Example(item.key, item.origin, digest, tuple(keys.latent(digest, v) for v in keys.variants), keys.text(caption))
-        if digest not in seen:
-            seen.add(digest)
-            marker = read_json(shard(root, "rejected", keys.rejected(digest), ".json"))
-            if marker is not None:
-                scan.rejected[digest] = str(marker.get("reason", "found unusable by an earlier build"))
-            else:
-                missing = [(k, v) for k, v in zip(ex.latent_keys, keys.variants) if not cached("latents", k)]
-                if missing:
-                    if data is None and (data := read_or_reject(item)) is None:  # only images still to encode are read again
-                        continue
-                    outputs = tuple((k, v.crop, v.flip) for k, v in missing)
-                    scan.jobs.append((bucket_hint(data, d.resolution), DecodeJob(digest, item.origin, item.image, outputs)))
-        if digest in scan.rejected and d.on_error == "error":
-            raise DataError(item.origin, scan.rejected[digest])
-        if ex.text_key not in scan.users and not cached("text", ex.text_key):
-            scan.texts[ex.text_key] = caption
-        scan.users.setdefault(ex.text_key, set()).add(digest)
-        scan.items.append(ex)
+            data, digest = None, item.digest  # the source hashed it already while looking for duplicates
+            if digest is None:
+                if (data := read_or_reject(item)) is None:
+                    continue
+                digest = image_digest(data)
+            caption = process_caption(item.caption, trigger=d.trigger, template=d.caption_template, clean=d.clean_caption)
+            ex = _Example(item.key, item.origin, digest, tuple(keys.latent(digest, v) for v in keys.variants), keys.text(caption))
+            if digest not in seen:
+                seen.add(digest)
+                marker = read_json(shard(root, "rejected", keys.rejected(digest), ".json"))
+                if marker is not None:
+                    scan.rejected[digest] = str(marker.get("reason", "found unusable by an earlier build"))
+                else:
+                    missing = [(k, v) for k, v in zip(ex.latent_keys, keys.variants) if not cached("latents", k)]
+                    if missing:
+                        if data is None and (data := read_or_reject(item)) is None:  # only images still to encode are read again
+                            continue
+                        outputs = tuple((k, v.crop, v.flip) for k, v in missing)
+                        scan.jobs.append((bucket_hint(data, d.resolution), DecodeJob(digest, item.origin, item.image, outputs)))
+            if digest in scan.rejected and d.on_error == "error":
+                raise DataError(item.origin, scan.rejected[digest])
+            if ex.text_key not in scan.users and not cached("text", ex.text_key):
+                scan.texts[ex.text_key] = caption
+            scan.users.setdefault(ex.text_key, set()).add(digest)
+            scan.items.append(ex)
+    finally:
+        memo.save()  # what was hashed stays hashed, also when the scan stops on an error
     # Same-bucket images next to each other: batches fill in order, few partial batches wait.
     scan.jobs = [job for _, job in sorted(scan.jobs, key=lambda hj: hj[0])]
     return scan

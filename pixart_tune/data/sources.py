@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from pixart_tune.data.digest_memo import DigestMemo
 from pixart_tune.data.examples import Example, FileBytes, Skipped, image_digest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -70,8 +71,12 @@ def iter_source(
     caption_column: str = "text",
     split: str = "train",
     on_error: str = "skip",
+    digest_memo: DigestMemo | None = None,
 ) -> Iterator[Example | Skipped]:
-    """Yield an Example or a Skipped for every sample found at `path`, in a deterministic order."""
+    """Yield an Example or a Skipped for every sample found at `path`, in a deterministic order.
+
+    `digest_memo` (digest_memo.py): digests remembered from earlier runs, used where a file's
+    identity is unchanged instead of reading and hashing it; new ones are recorded into it."""
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
     if on_error not in ("skip", "error"):
@@ -81,7 +86,7 @@ def iter_source(
     kind = detect_source(text) if source == "auto" else source
     if kind in ("folder", "metadata") and not Path(text).is_dir():
         raise FileNotFoundError(f"dataset folder not found: {text}\n{LAYOUTS}")
-    return _checked(text, kind, _reader(text, kind, image_column, caption_column, split), on_error)
+    return _checked(text, kind, _reader(text, kind, image_column, caption_column, split), on_error, digest_memo)
 
 
 def _reader(text: str, kind: str, image_column: str, caption_column: str, split: str):
@@ -99,10 +104,11 @@ def _reader(text: str, kind: str, image_column: str, caption_column: str, split:
     return read_webdataset(text)
 
 
-def _checked(text: str, kind: str, items: Iterable[Example | Skipped], on_error: str) -> Iterator[Example | Skipped]:
+def _checked(text: str, kind: str, items: Iterable[Example | Skipped], on_error: str,
+             memo: DigestMemo | None = None) -> Iterator[Example | Skipped]:  # fmt: skip
     """Drop repeats, apply the on_error policy, and refuse a dataset where nothing was found."""
     found = 0
-    for item in _drop_repeats(items):
+    for item in _drop_repeats(items, memo):
         found += 1
         if isinstance(item, Skipped) and on_error == "error":
             raise DataError(item.origin, item.reason)
@@ -139,22 +145,26 @@ def detect_source(path: str | os.PathLike) -> str:
     return "folder"
 
 
-def _drop_repeats(items: Iterable[Example | Skipped]) -> Iterator[Example | Skipped]:
+def _drop_repeats(items: Iterable[Example | Skipped], memo: DigestMemo | None = None) -> Iterator[Example | Skipped]:
     """Skip exact duplicates (same image bytes AND same caption) and reused keys."""
-    # This reads every image once to hash it; the digests are all that is kept, and each Example
-    # carries its own, so the cache does not read and hash it again.
+    # This reads every image once to hash it (unless the memo remembers its digest); the digests are
+    # all that is kept, and each Example carries its own, so the cache does not read and hash it again.
     first_key_of: dict[tuple[str, str], str] = {}  # (image digest, caption) -> key of its first occurrence
     origin_of_key: dict[str, str] = {}
     for item in items:
         if isinstance(item, Skipped):
             yield item
             continue
-        try:
-            data = item.read_bytes()
-        except OSError as e:
-            yield Skipped(item.origin, f"cannot read the image: {e}")
-            continue
-        digest = image_digest(data)
+        digest, memo_key = memo.lookup(item.image) if memo is not None else (None, None)
+        if digest is None:
+            try:
+                data = item.read_bytes()
+            except OSError as e:
+                yield Skipped(item.origin, f"cannot read the image: {e}")
+                continue
+            digest = image_digest(data)
+            if memo is not None:
+                memo.record(memo_key, digest)
         content = (digest, item.caption)
         if content in first_key_of:
             yield Skipped(item.origin, f"duplicate of {first_key_of[content]} (same image bytes and caption)")
