@@ -91,7 +91,7 @@ def _pipeline_preprocessing(text: str, clean: bool) -> str:
     if clean and missing:
         raise CaptionCleaningUnavailable(
             f"clean_caption needs {' and '.join(missing)}, which is not installed. "
-            "Run: pip install beautifulsoup4 ftfy  (or set data.clean_caption=false). "
+            "Run: pip install beautifulsoup4 ftfy  (the [captions] extra of pixart_tune; or set data.clean_caption=false). "
             "Without them the diffusers pipeline silently skips cleaning, so we refuse rather than guess."
         )
     return _text_preprocessor()._text_preprocessing(text, clean_caption=clean)[0]
