@@ -260,10 +260,10 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         raise RuntimeError(f"no usable examples in {cfg.data.path}; see {index.cache_dir / 'skipped.jsonl'}")
     dataset = CachedFeatures(index)
     validator = None
-    if cfg.validation.prompts and (main or sharded):  # under FSDP every process takes part in sampling
-        from .validation import Validator
+    if cfg.validation.prompts:
+        from .validation import make_validator
 
-        validator = Validator(cfg, base, accelerator.device)
+        validator = make_validator(cfg, base, accelerator.device, main, sharded)
 
     model, transformer = prepare_model(cfg, base)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -16,25 +16,45 @@ from .data.captions import process_caption
 from .models import DTYPES, load_text_encoder, load_tokenizer, load_vae
 
 
-class Validator:
-    """Generates the recipe's validation prompts × seeds with the model being trained."""
+def encode_prompts(cfg: Config, base: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 features of the validation prompts and of "" (the negative prompt): embeds (P+1, L, D) fp32
+    on the CPU, masks (P+1, L). T5 is loaded for this and dropped again."""
+    tokenizer = load_tokenizer(base, cfg.model.revision)
+    t5 = load_text_encoder(base, DTYPES[cfg.data.t5_dtype], cfg.data.t5_quantization, cfg.model.revision)
+    if cfg.data.t5_quantization == "none":
+        t5.to(device)
+    # Same text processing as the cached captions (lowercasing / cleaning), so prompts match training.
+    texts = [process_caption(p, clean=cfg.data.clean_caption) for p in cfg.validation.prompts] + [""]
+    tok = tokenizer(texts, max_length=cfg.data.max_tokens, padding="max_length", truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        embeds = t5(tok.input_ids.to(t5.device), attention_mask=tok.attention_mask.to(t5.device))[0]
+    return embeds.float().cpu(), tok.attention_mask
 
-    def __init__(self, cfg: Config, base: str, device):
+
+def make_validator(cfg: Config, base: str, device, main: bool, sharded: bool) -> Validator | None:
+    """The Validator of this process, or None. Under FSDP every process takes part in sampling (each
+    forward gathers weights), but T5 runs once, on the main process; the others receive its features."""
+    if not (main or sharded):
+        return None
+    prompts = encode_prompts(cfg, base, device) if main else None
+    if sharded:
+        from accelerate.utils import broadcast_object_list
+
+        prompts = broadcast_object_list([prompts], from_process=0)[0]
+    return Validator(cfg, base, device, prompts)
+
+
+class Validator:
+    """Generates the recipe's validation prompts × seeds with the model being trained.
+
+    `prompts`: encode_prompts' result where it was computed elsewhere (under FSDP the main process
+    encodes and the others receive it, so T5 is loaded once, not once per GPU)."""
+
+    def __init__(self, cfg: Config, base: str, device, prompts: tuple[torch.Tensor, torch.Tensor] | None = None):
         from diffusers import DPMSolverMultistepScheduler
 
-        v = cfg.validation
-        self.cfg, self.device = v, torch.device(device)
-        tokenizer = load_tokenizer(base, cfg.model.revision)
-        t5 = load_text_encoder(base, DTYPES[cfg.data.t5_dtype], cfg.data.t5_quantization, cfg.model.revision)
-        if cfg.data.t5_quantization == "none":
-            t5.to(self.device)
-        # Same text processing as the cached captions (lowercasing / cleaning), so prompts match training.
-        texts = [process_caption(p, clean=cfg.data.clean_caption) for p in v.prompts] + [""]
-        tok = tokenizer(texts, max_length=cfg.data.max_tokens, padding="max_length", truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            embeds = t5(tok.input_ids.to(t5.device), attention_mask=tok.attention_mask.to(t5.device))[0]
-        self.embeds, self.masks = embeds.float().cpu(), tok.attention_mask
-        del t5
+        self.cfg, self.device = cfg.validation, torch.device(device)
+        self.embeds, self.masks = prompts if prompts is not None else encode_prompts(cfg, base, self.device)
         self.vae = load_vae(base, DTYPES[cfg.model.weight_dtype], cfg.model.revision).eval()
         self.scheduler = DPMSolverMultistepScheduler.from_pretrained(base, subfolder="scheduler", revision=cfg.model.revision)
 

@@ -287,3 +287,17 @@ def test_caption_dropout_trains_and_changes_the_result(tmp_path, cache_dir):
     a, b = _weights(plain), _weights(dropped)
     assert a.keys() == b.keys() and all(torch.isfinite(v).all() for v in b.values())
     assert any(not torch.equal(a[k], b[k]) for k in a)  # every caption replaced by T5(""): other gradients
+
+
+def test_fsdp_validation_runs_t5_once_and_shares_the_features(tmp_path, tiny_base):
+    """Under FSDP every process samples; only the main one loads T5 (2 CPU processes, gloo)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              str(REPO / "tests" / "validation_worker.py"), str(tiny_base), str(tmp_path)]  # fmt: skip
+    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
+    assert [r["t5_loads"] for r in ranks] == [1, 0]
+    assert ranks[0]["embeds"].shape[0] == 3  # two prompts and the negative ""
+    assert torch.equal(ranks[0]["embeds"], ranks[1]["embeds"]) and torch.equal(ranks[0]["masks"], ranks[1]["masks"])
