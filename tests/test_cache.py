@@ -162,8 +162,10 @@ def test_incremental_encodes_only_what_changed(tmp_path, tiny_base, calls):
                for r in index.records)  # fmt: skip
 
 
-def test_a_warm_build_reads_each_image_once(tmp_path, tiny_base, calls, monkeypatch):
-    """The source hashes each image while looking for duplicates; the cache reuses that digest."""
+def test_a_warm_build_reads_each_image_at_most_once(tmp_path, tiny_base, calls, monkeypatch):
+    """The source hashes each image while looking for duplicates and the cache reuses that digest;
+    with the digest memo (test_digest_memo.py) a warm build reads none at all."""
+    from pixart_tune.data.digest_memo import MEMO_NAME
     from pixart_tune.data.examples import FileBytes
 
     data, cache = make_dataset(tmp_path / "data", 3), tmp_path / "cache"
@@ -174,7 +176,11 @@ def test_a_warm_build_reads_each_image_once(tmp_path, tiny_base, calls, monkeypa
     monkeypatch.setattr(FileBytes, "read", lambda self: reads.update([Path(self.path).name]) or real_read(self))
     index, n = build(cfg, tiny_base, calls)
     assert n == {"vae": 0, "t5": 0} and index.counts["reused_latents"] == 3
-    assert reads == {"img0.jpg": 1, "img1.jpg": 1, "img2.jpg": 1}
+    assert reads == {}
+    for memo in cache.rglob(MEMO_NAME):
+        memo.unlink()
+    index, n = build(cfg, tiny_base, calls)
+    assert n == {"vae": 0, "t5": 0} and reads == {"img0.jpg": 1, "img1.jpg": 1, "img2.jpg": 1}
 
 
 def test_flip_variant_is_the_latent_of_the_mirrored_crop(tmp_path, tiny_base, calls):
