@@ -173,7 +173,8 @@ def use_fa4(model: nn.Module, kernel=_fa4, pad_multiple: int | None = None) -> i
         if pad_multiple is None:
             head_dim = attn.inner_dim // attn.heads
             pad_multiple, how = choose_head_padding(head_dim)
-            print(f"train.attention=fa4: FlashAttention-4 self-attention, head dim {head_dim}: {how}")
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                print(f"train.attention=fa4: FlashAttention-4 self-attention, head dim {head_dim}: {how}")
     pad_multiple = HEAD_MULTIPLE if pad_multiple is None else pad_multiple
     for block in blocks:
         attn = block.attn1
