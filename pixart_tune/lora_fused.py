@@ -19,7 +19,7 @@ the elementwise time. The speed is nevertheless the same within noise. Under tor
 (32 ms a step of device-to-device copies). An in-place `addmm_` inside an opaque custom op would
 avoid that copy; that is the next step. The result equals peft's up to rounding (one bf16 rounding of the sum instead of two);
 tests compare the two on the tiny model. Engaged only where it is exactly vanilla LoRA: one active
-adapter, not merged, no dropout, no DoRA, an nn.Linear base; otherwise peft's own forward runs.
+adapter, not merged, no dropout, no DoRA, a frozen nn.Linear base; otherwise peft's own forward runs.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def _vanilla_adapter(layer) -> str | None:
     if name not in layer.lora_A or name in layer.lora_variant or layer.fan_in_fan_out:
         return None
     if not isinstance(layer.lora_dropout[name], nn.Identity) or type(layer.base_layer) is not nn.Linear:
+        return None
+    if layer.base_layer.weight.requires_grad:  # the fused backward has no weight gradient for W
         return None
     return name
 

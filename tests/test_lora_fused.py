@@ -134,6 +134,18 @@ def test_disabled_adapter_and_dropout_fall_back_to_peft(pair, tiny_base):
     torch.testing.assert_close(_loss_and_grads(fused_dropped)[0], _loss_and_grads(dropped)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_trainable_base_weight_falls_back_to_peft(pair):
+    plain, fused, _ = pair
+    plain, fused = copy.deepcopy(plain), copy.deepcopy(fused)
+    for model in (plain, fused):
+        model.base_model.model.transformer_blocks[0].attn1.to_q.base_layer.weight.requires_grad_(True)
+    ref_out, ref_grads = _loss_and_grads(plain)
+    out, grads = _loss_and_grads(fused)
+    name = next(n for n in grads if "transformer_blocks.0.attn1.to_q.base_layer.weight" in n)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
 def test_traces_under_torch_compile_without_graph_breaks():
     layer = nn.Linear(24, 40)
     x, _, _, a, bb = _tensors()
