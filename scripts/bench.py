@@ -312,7 +312,11 @@ def run_sections(args, work: Path) -> dict:
         ours("lora_fp8", base, data, res, [*fast, "train.fp8=true"])  # frozen base linears in FP8
     if "full" in want:
         ours("full", base, data, res, [*fast, "train.method=full", "train.lr=1e-5"])
-    if "fa4" in want and not smoke:  # FlashAttention-4 self-attention (pip install flash-attn-4; Hopper+)
+    fa4_missing = importlib.util.find_spec("flash_attn") is None
+    if "fa4" in want and not smoke and fa4_missing:
+        out["skipped"] = {"fa4": "flash-attn-4 is not installed (pip install -e '.[fa4]')"}
+        print("fa4 sections skipped:", out["skipped"]["fa4"])
+    if "fa4" in want and not smoke and not fa4_missing:  # FlashAttention-4 self-attention (Hopper+)
         fa4 = [*fast, "train.attention=fa4"]
         ours("lora_fa4", base, data, res, fa4)
         ours("lora_fa4_peft", base, data, res, [*fa4, "train.fused_lora=false"])  # peft's own LoRA forward
