@@ -47,12 +47,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_forward(transformer, seed: int = 1, width: int = 16) -> torch.Tensor:
+def tiny_forward(transformer, seed: int = 1, width: int = 16, grad: bool = False) -> torch.Tensor:
     """One forward pass of a tiny transformer on fixed random inputs: latents (2, 4, 16, width), 7 caption
-    tokens (the second caption padded), 1024-MS micro-conditions matching the latent size."""
+    tokens (the second caption padded), 1024-MS micro-conditions matching the latent size. `grad`:
+    keep the autograd graph (for a backward through it)."""
     g = torch.Generator().manual_seed(seed)
     height_px, width_px = 16 * 8.0, width * 8.0
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return transformer(
             hidden_states=torch.randn(2, 4, 16, width, generator=g),
             encoder_hidden_states=torch.randn(2, 7, 32, generator=g),
@@ -61,6 +62,24 @@ def tiny_forward(transformer, seed: int = 1, width: int = 16) -> torch.Tensor:
             added_cond_kwargs={"resolution": torch.tensor([[height_px, width_px]] * 2),
                                "aspect_ratio": torch.tensor([[height_px / width_px]] * 2)},
         ).sample  # fmt: skip
+
+
+def tiny_lora(tiny_base, **settings):
+    """The tiny transformer with a rank-4 LoRA (LoraConfig `settings` on top of rank 4, no dropout)
+    whose B matrices are non-zero, so the adapter changes the output (peft starts with B = 0)."""
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart_tune.config import LoraConfig
+    from pixart_tune.lora import add_lora
+
+    transformer = PixArtTransformer2DModel.from_pretrained(tiny_base, subfolder="transformer")
+    model = add_lora(transformer, LoraConfig(**{"rank": 4, "dropout": 0.0, **settings}), str(tiny_base))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-6) -> None:

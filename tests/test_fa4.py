@@ -13,10 +13,10 @@ import types
 
 import pytest
 import torch
-from conftest import tiny_forward
+from conftest import tiny_forward, tiny_lora
 
 from pixart_tune import fa4
-from pixart_tune.config import LoraConfig, TrainConfig
+from pixart_tune.config import TrainConfig
 from pixart_tune.fa4 import (
     FA4SelfAttention,
     choose_head_padding,
@@ -25,7 +25,6 @@ from pixart_tune.fa4 import (
     sdpa_attention,
     use_fa4,
 )
-from pixart_tune.lora import add_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,11 +147,7 @@ def test_install_dq_fix_changes_only_the_hopper_non_swapped_tiling(monkeypatch):
 
 
 def test_lora_gradients_flow_through_the_processor(tiny_base):
-    model = add_lora(_transformer(tiny_base), LoraConfig(rank=4, dropout=0.0, targets="attention"), str(tiny_base))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
+    model = tiny_lora(tiny_base, targets="attention")
     fast = copy.deepcopy(model)
     use_fa4(fast, kernel=sdpa_attention)
 

@@ -10,12 +10,10 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_forward
+from conftest import tiny_forward, tiny_lora
 from torch import nn
 
-from pixart_tune.config import LoraConfig
 from pixart_tune.fp8 import E4M3_MAX, FP8Linear, _FP8MatmulFrozenWeight, apply_fp8, quantize_rowwise
-from pixart_tune.lora import add_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,19 +173,6 @@ def test_traces_under_torch_compile_without_graph_breaks():
 # The tiny PixArt with a LoRA
 
 
-def _lora_model(tiny_base, **settings):
-    from diffusers import PixArtTransformer2DModel
-
-    transformer = PixArtTransformer2DModel.from_pretrained(tiny_base, subfolder="transformer")
-    model = add_lora(transformer, LoraConfig(rank=4, dropout=0.0, **settings), str(tiny_base))
-    torch.manual_seed(0)
-    with torch.no_grad():  # non-zero B, so the adapter changes the output (peft starts with B = 0)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    return model
-
-
 def _frozen_block_linears(model) -> int:
     """Frozen nn.Linears in the blocks with both sizes multiples of 16 (LoRA A/B are trainable)."""
     blocks = model.base_model.model.transformer_blocks
@@ -197,7 +182,7 @@ def _frozen_block_linears(model) -> int:
 
 @pytest.fixture(scope="module")
 def lora_pair(tiny_base):
-    model = _lora_model(tiny_base, targets="attention+ff")
+    model = tiny_lora(tiny_base, targets="attention+ff")
     expected = _frozen_block_linears(model)
     fp8 = copy.deepcopy(model)
     return model, fp8, expected, apply_fp8(fp8)
@@ -267,7 +252,7 @@ def test_fp8_model_output_stays_close(lora_pair, tiny_base):
 
 
 def test_lora_on_attention_only_swaps_the_plain_ff_linears_too(tiny_base):
-    model = _lora_model(tiny_base, targets="attention")
+    model = tiny_lora(tiny_base, targets="attention")
     assert apply_fp8(model) == 20
     assert isinstance(model.base_model.model.transformer_blocks[0].ff.net[0].proj, FP8Linear)
 
@@ -280,7 +265,7 @@ def test_apply_fp8_refuses_trainable_linears_and_dora(tiny_base):
         apply_fp8(full)
     assert not any(isinstance(m, FP8Linear) for m in full.modules())  # nothing half-converted
     with pytest.raises(ValueError, match="DoRA"):
-        apply_fp8(_lora_model(tiny_base, targets="attention", dora=True))
+        apply_fp8(tiny_lora(tiny_base, targets="attention", dora=True))
 
 
 # --------------------------------------------------------------------------------------------

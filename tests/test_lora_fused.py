@@ -6,10 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_forward, tiny_lora
 from torch import nn
 
-from pixart_tune.config import LoraConfig
-from pixart_tune.lora import add_lora
 from pixart_tune.lora_fused import fuse_lora_linears, lora_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,31 +49,9 @@ def test_lora_linear_under_bf16_autocast_is_close_and_keeps_fp32_grads():
     assert a.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
-def _model(tiny_base, dropout=0.0):
-    from diffusers import PixArtTransformer2DModel
-
-    transformer = PixArtTransformer2DModel.from_pretrained(tiny_base, subfolder="transformer")
-    model = add_lora(transformer, LoraConfig(rank=4, dropout=dropout, targets="attention+ff"), str(tiny_base))
-    torch.manual_seed(0)
-    with torch.no_grad():  # non-zero B, so the adapter matters (peft starts with B = 0)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    return model
-
-
-def _forward(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return model(hidden_states=torch.randn(2, 4, 16, 16, generator=g),
-                encoder_hidden_states=torch.randn(2, 7, 32, generator=g), timestep=torch.tensor([10, 700]),
-                encoder_attention_mask=torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
-                added_cond_kwargs={"resolution": torch.tensor([[128.0, 128.0]] * 2),
-                                   "aspect_ratio": torch.tensor([[1.0]] * 2)}).sample  # fmt: skip
-
-
 def _loss_and_grads(model, seed=1):
     model.zero_grad()
-    out = _forward(model, seed)
+    out = tiny_forward(model, seed, grad=True)
     out.square().mean().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -87,7 +64,7 @@ def _lora_linears(model) -> int:
 
 @pytest.fixture(scope="module")
 def pair(tiny_base):
-    plain = _model(tiny_base)
+    plain = tiny_lora(tiny_base, targets="attention+ff")
     fused = copy.deepcopy(plain)
     return plain, fused, fuse_lora_linears(fused)
 
@@ -122,12 +99,12 @@ def test_disabled_adapter_and_dropout_fall_back_to_peft(pair, tiny_base):
     plain, fused, _ = pair
     with torch.no_grad():
         with plain.disable_adapter():
-            ref = _forward(plain)
+            ref = tiny_forward(plain)
         with fused.disable_adapter():
-            out = _forward(fused)
-        assert not torch.allclose(out, _forward(fused), atol=1e-3)  # the adapter does matter
+            out = tiny_forward(fused)
+        assert not torch.allclose(out, tiny_forward(fused), atol=1e-3)  # the adapter does matter
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    dropped = _model(tiny_base, dropout=0.5)
+    dropped = tiny_lora(tiny_base, targets="attention+ff", dropout=0.5)
     fused_dropped = copy.deepcopy(dropped)
     fuse_lora_linears(fused_dropped)
     dropped.eval(), fused_dropped.eval()  # dropout off in eval: peft's path, same result
