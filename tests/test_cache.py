@@ -165,7 +165,7 @@ def test_incremental_encodes_only_what_changed(tmp_path, tiny_base, calls):
 def test_a_warm_build_reads_each_image_at_most_once(tmp_path, tiny_base, calls, monkeypatch):
     """The source hashes each image while looking for duplicates and the cache reuses that digest;
     with the digest memo (test_digest_memo.py) a warm build reads none at all."""
-    from pixart_tune.data.digest_memo import MEMO_NAME
+    from pixart_tune.cache.digest_memo import MEMO_NAME
     from pixart_tune.data.examples import FileBytes
 
     data, cache = make_dataset(tmp_path / "data", 3), tmp_path / "cache"

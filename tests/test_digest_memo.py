@@ -10,8 +10,8 @@ import pytest
 from test_cache import config, make_dataset, photo, write_example
 
 from pixart_tune.cache import build_cache
+from pixart_tune.cache.digest_memo import MEMO_NAME, DigestMemo
 from pixart_tune.data import iter_source
-from pixart_tune.data.digest_memo import MEMO_NAME, DigestMemo
 from pixart_tune.data.examples import FileBytes, InlineBytes, TarMemberBytes, image_digest
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -18,9 +18,12 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TYPE_CHECKING
 
-from pixart_tune.data.digest_memo import DigestMemo
 from pixart_tune.data.examples import Example, FileBytes, Skipped, image_digest
+
+if TYPE_CHECKING:  # the memo lives with the feature cache, which imports this module
+    from pixart_tune.cache.digest_memo import DigestMemo
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 CACHE_DIR_NAME = ".pixart_tune_cache"  # the feature cache lives inside the dataset folder by default
@@ -62,7 +65,6 @@ class _Problem(Exception):
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-
 def iter_source(
     path: str | os.PathLike,
     source: str = "auto",
@@ -75,7 +77,7 @@ def iter_source(
 ) -> Iterator[Example | Skipped]:
     """Yield an Example or a Skipped for every sample found at `path`, in a deterministic order.
 
-    `digest_memo` (digest_memo.py): digests remembered from earlier runs, used where a file's
+    `digest_memo` (cache/digest_memo.py): digests remembered from earlier runs, used where a file's
     identity is unchanged instead of reading and hashing it; new ones are recorded into it."""
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")

@@ -15,11 +15,11 @@ encoded are hashed again when decoded, and a mismatch rejects the image with a m
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from .examples import FileBytes, ImageBytes, TarMemberBytes
+from ..data.examples import FileBytes, ImageBytes, TarMemberBytes
+from .store import read_json, write_json
 
 MEMO_NAME = "digests.json"
 _VERSION = 1
@@ -42,12 +42,9 @@ class DigestMemo:
         self.entries: dict[str, str] = {}
         self.changed = False
         self.hits = 0
-        try:
-            raw = json.loads(self.path.read_text(encoding="utf-8"))
-            if raw.get("version") == _VERSION and isinstance(raw.get("digests"), dict):
-                self.entries = {str(k): str(v) for k, v in raw["digests"].items()}
-        except (OSError, ValueError, AttributeError):
-            pass  # no memo yet, or an unreadable one: start empty, it is rewritten on save()
+        raw = read_json(self.path)  # None: no memo yet, or an unreadable one (rewritten on save())
+        if raw is not None and raw.get("version") == _VERSION and isinstance(raw.get("digests"), dict):
+            self.entries = {str(k): str(v) for k, v in raw["digests"].items()}
 
     @staticmethod
     def key(image: ImageBytes) -> str | None:
@@ -76,8 +73,5 @@ class DigestMemo:
         """Write the memo if anything was added (temporary file + rename: never half written)."""
         if not self.changed:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{MEMO_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": _VERSION, "digests": self.entries}), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_json(self.path, {"version": _VERSION, "digests": self.entries})
         self.changed = False
