@@ -210,8 +210,8 @@ def test_flip_variant_is_the_latent_of_the_mirrored_crop(tmp_path, tiny_base, ca
 
 def test_random_crop_variants_are_reproducible_and_keyed_by_the_image(tmp_path):
     from pixart_tune.cache.decode import DecodeJob, decode_job
-    from pixart_tune.cache.keys import crop_rng, image_digest
-    from pixart_tune.data.examples import InlineBytes
+    from pixart_tune.cache.keys import crop_rng
+    from pixart_tune.data.examples import InlineBytes, image_digest
 
     assert [v.name for v in variants(True, True, 2)] == ["crop0", "crop0+flip", "crop1", "crop1+flip"]
     assert [v.name for v in variants(False, True, 5)] == ["center", "center+flip"], "centre crop: one crop"

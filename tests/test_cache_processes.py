@@ -74,7 +74,7 @@ def _rank(cfg, base: str, rank: int, world_size: int, barrier, results, calls) -
 
 
 def test_two_ranks_share_the_work_and_build_one_cache(tmp_path, tiny_base, calls):  # noqa: F811
-    from pixart_tune.cache.keys import image_digest
+    from pixart_tune.data.examples import image_digest
 
     data, cache = make_dataset(tmp_path / "data", 5, seed=1), tmp_path / "cache"
     jpeg = (data / "img0.jpg").read_bytes()

@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data.buckets import bucket_table
 from ..data.captions import process_caption
-from ..data.examples import Skipped
+from ..data.examples import Skipped, image_digest
 from ..data.sources import DataError, iter_source
 from ..models import DTYPES, load_vae
 from . import store
 from .decode import DecodeJob, DecodeJobs, bucket_hint, keep_as_is
 from .digest_memo import DigestMemo
 from .encode import BackgroundWriter, LatentEncoder, TextEncoder, free_device_memory
-from .keys import CacheKeys, image_digest
+from .keys import CacheKeys
 from .store import CacheIndex, Record, default_cache_dir, read_header, read_json, shard
 
 

@@ -17,9 +17,9 @@ from PIL import ExifTags, Image
 from torch.utils.data import Dataset
 
 from ..data.buckets import assign_bucket, bucket_table, extreme_ratio_reason, fit_to_bucket, resize_to_cover
-from ..data.examples import ImageBytes
+from ..data.examples import ImageBytes, image_digest
 from ..data.images import BadImage, load_image
-from .keys import Variant, crop_rng, image_digest
+from .keys import Variant, crop_rng
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from pathlib import Path
 from ..config import Config
 from ..data.buckets import MAX_ASPECT
 from ..data.captions import caption_processing_id
-from ..data.examples import image_digest  # noqa: F401  (re-exported: keys are made of it)
 from ..data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from ..models import component_identity
 from .store import sha
@@ -65,8 +64,6 @@ def variants(random_crop: bool, flip: bool, crop_variants: int = 1) -> tuple[Var
 def crop_rng(digest: str, resolution: int, crop: int) -> random.Random:
     """The generator that places random crop `crop` of an image (a str seed is stable across runs)."""
     return random.Random(f"pixart_tune-crop/{digest}/{resolution}/{crop}")
-
-
 
 
 @dataclass(frozen=True)
