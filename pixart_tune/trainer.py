@@ -312,7 +312,6 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     # The GPU runs ahead of Python: the step loss stays on the device, and the host reads it (a sync)
     # only where it needs it: logging, validation, checkpoints, the end. `first_bad` remembers the
     # first step whose loss was not finite, so the error still names it.
-    loss_t = torch.zeros((), device=accelerator.device)
     first_bad = torch.zeros((), dtype=torch.long, device=accelerator.device)
 
     def read_loss(step: int) -> float:
