@@ -13,13 +13,14 @@ with beta = 1), and the backward is written out, keeping only x itself and the (
               dx = dh @ A + dy @ W              (M, K)  again one GEMM reading the other as C
               dA = dh^T @ x,  dB = s dy^T @ h   the adapter's weight gradients (W is frozen)
 
-Measured on an H100 (README, Performance): 4.3 GiB less peak memory at batch 8, 1024 px, and half
-the elementwise time. The speed is nevertheless the same within noise. Under torch.compile each
-`addmm` with a full C becomes an out-of-place call, for which PyTorch first copies C into the output
-(32 ms a step of device-to-device copies). An in-place `addmm_` inside an opaque custom op would
-avoid that copy; that is the next step. The result equals peft's up to rounding (one bf16 rounding of the sum instead of two);
-tests compare the two on the tiny model. Engaged only where it is exactly vanilla LoRA: one active
-adapter, not merged, no dropout, no DoRA, a frozen nn.Linear base; otherwise peft's own forward runs.
+Both sums are one opaque custom op (`gemm_plus_lowrank`): the small GEMM allocates the output and the
+base GEMM accumulates into it in place (`addmm_`, beta = 1). Left to torch.compile, an out-of-place
+`addmm` with a full C first copies C into a fresh output: 32 ms a step of device-to-device copies at
+batch 8, 1024 px on an H100 (README, Performance).
+
+The result equals peft's up to rounding (one bf16 rounding of the sum instead of two); tests compare
+the two on the tiny model. Engaged only where it is exactly vanilla LoRA: one active adapter, not
+merged, no dropout, no DoRA, a frozen nn.Linear base; otherwise peft's own forward runs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,23 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+@torch.library.custom_op("pixart_tune::gemm_plus_lowrank", mutates_args=())
+def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ w + h @ b (+ bias) for x (M, K), w (K, N), h (M, r), b (r, N), bias (N,): (M, N), one dtype.
+
+    The low-rank product (with the bias, through cuBLAS's bias epilogue) writes the fresh output;
+    the big GEMM then reads it as C and adds in place. Opaque to torch.compile on purpose: traced,
+    the in-place add would be functionalised back into an out-of-place addmm and its copy of C.
+    """
+    out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)
+    return out.addmm_(x, w)
+
+
+@gemm_plus_lowrank.register_fake
+def _(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float):
@@ -44,11 +62,7 @@ class _LoraLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
             w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * scaling).to(dtype)
             h = x2 @ a.t()  # (M, r)
-            if bias is not None:
-                lora_term = torch.addmm(bias.to(dtype), h, b.t())  # (M, N): bias + s h B^T
-            else:
-                lora_term = h @ b.t()
-            y = torch.addmm(lora_term, x2, w.t())  # + x W^T, summed in the GEMM's epilogue
+            y = gemm_plus_lowrank(x2, w.t(), h, b.t(), None if bias is None else bias.to(dtype))  # (M, N)
         ctx.save_for_backward(x2, h, weight, lora_a, lora_b)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
@@ -64,7 +78,7 @@ class _LoraLinear(torch.autograd.Function):
             dh = dy2 @ b  # (M, r)
             dx = grad_a = grad_b = None
             if ctx.needs_input_grad[0]:
-                dx = torch.addmm(dh @ a, dy2, w).reshape(ctx.x_shape).to(ctx.x_dtype)
+                dx = gemm_plus_lowrank(dy2, w, dh, a, None).reshape(ctx.x_shape).to(ctx.x_dtype)  # (M, K)
             if ctx.needs_input_grad[3]:
                 grad_a = (dh.t() @ x2).to(lora_a.dtype)  # (r, K)
             if ctx.needs_input_grad[4]:

@@ -438,6 +438,22 @@ KERNEL_GROUPS = [  # substrings of CUDA kernel names -> what they are
 ]
 
 
+# --profile runs these (`--only lora fa4 ...` picks some): recipe overrides on top of the LoRA recipe's.
+PROFILES = {
+    "profile_lora": (),
+    "profile_fp8": ("train.fp8=true",),
+    "profile_fa4": ("train.attention=fa4",),
+    "profile_full_fa4": ("train.attention=fa4", "train.method=full", "train.lr=1e-5"),
+}
+
+
+def profile_runs_here(extra: tuple[str, ...]) -> bool:
+    """fp8 needs sm90+; fa4 needs flash-attn-4 installed."""
+    if "train.fp8=true" in extra and torch.cuda.get_device_capability() < (9, 0):
+        return False
+    return "train.attention=fa4" not in extra or importlib.util.find_spec("flash_attn") is not None
+
+
 def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
     """Where the GPU time of our LoRA recipe goes: a torch.profiler trace of a short trainer run,
     CUDA kernel time grouped by kind. Compile warm-up adds little GPU time, so the steady steps dominate.
@@ -472,7 +488,8 @@ def main(argv=None) -> int:
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
     p.add_argument("--profile", action="store_true", help="GPU time of the LoRA step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: cache lora fp8 full fa4 lora512 full512 memory baselines inference")  # fmt: skip
+                   help="sections: cache lora fp8 full fa4 lora512 full512 memory baselines inference; "
+                        "with --profile: lora fp8 fa4 full_fa4")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp folder)")
@@ -482,11 +499,9 @@ def main(argv=None) -> int:
     if args.multi_gpu or args.profile:
         results = {}
         if args.profile:
-            results["profile"] = profile_step(args, work)
-            if torch.cuda.get_device_capability() >= (9, 0):
-                results["profile_fp8"] = profile_step(args, work, ("train.fp8=true",))
-                if importlib.util.find_spec("flash_attn") is not None:
-                    results["profile_fa4"] = profile_step(args, work, ("train.attention=fa4",))
+            for name, extra in PROFILES.items():
+                if (args.only is None or name.removeprefix("profile_") in args.only) and profile_runs_here(extra):
+                    results[name] = profile_step(args, work, extra)
         if args.multi_gpu:
             results["multi_gpu"] = multi_gpu(args, work)
     else:

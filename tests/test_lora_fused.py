@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_forward, tiny_lora
 from torch import nn
 
-from pixart_tune.lora_fused import fuse_lora_linears, lora_linear
+from pixart_tune.lora_fused import fuse_lora_linears, gemm_plus_lowrank, lora_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,6 +135,32 @@ def test_traces_under_torch_compile_without_graph_breaks():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(torch.autograd.grad(y.square().sum(), (x, a, bb)), torch.autograd.grad(ref.square().sum(), (x, a, bb))):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gemm_plus_lowrank_op_values_and_registration(bias):
+    g = torch.Generator().manual_seed(2)
+    x, w, h, b = (torch.randn(*shape, generator=g) for shape in [(12, 24), (40, 24), (12, 4), (4, 40)])
+    c = torch.randn(40, generator=g) if bias else None
+    out = gemm_plus_lowrank(x, w.t(), h, b, c)  # w.t(): the op takes strided views, as the layer passes them
+    torch.testing.assert_close(out, x @ w.t() + h @ b + (c if bias else 0), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(gemm_plus_lowrank, (x, w.t(), h, b, c))  # schema, fake tensor, no aliasing
+
+
+def test_compiled_graphs_sum_in_place_through_the_op():
+    """Traced by torch.compile, forward and backward each run the opaque op once and no addmm: an
+    out-of-place addmm with a full C is what copies C (the 32 ms a step the op removes)."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    layer = nn.Linear(24, 40)
+    x, _, _, a, bb = _tensors()
+    backend = AotEagerAndRecordGraphs()
+    compiled = torch.compile(lambda x, a, bb: lora_linear(x, layer.weight.detach(), layer.bias.detach(), a, bb, 2.0),
+                             backend=backend, fullgraph=True)  # fmt: skip
+    compiled(x, a, bb).sum().backward()
+    for graph in (*backend.fw_graphs, *backend.bw_graphs):
+        code = graph.code
+        assert code.count("pixart_tune.gemm_plus_lowrank") == 1 and "aten.addmm" not in code, code
 
 
 @pytest.mark.gpu
