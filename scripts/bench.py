@@ -411,7 +411,8 @@ def multi_gpu(args, work: Path) -> dict:
                "data.resolution=1024", f"train.batch_size={args.batch}", f"train.steps={steps}",
                f"train.log_every={steps // 4}", "train.log_with=none", "train.compile=regional",
                "train.attention=cudnn", "model.weight_dtype=bf16", "data.t5_dtype=bf16", "train.mixed_precision=bf16",
-               "lora.rank=16", "lora.alpha=16", f"train.method={method}", "train.lr=1e-5", "train.optimizer=adamw"]  # fmt: skip
+               "lora.rank=16", "lora.alpha=16", f"train.method={method}", "train.lr=1e-5", "train.optimizer=adamw",
+               *args.set]  # fmt: skip
         if subprocess.run(cmd, env=env).returncode != 0:  # report the others even if one variant fails
             out[name] = None
             continue
@@ -491,6 +492,8 @@ def main(argv=None) -> int:
                    help="sections: cache lora fp8 full fa4 lora512 full512 memory baselines inference; "
                         "with --profile: lora fp8 fa4 full_fa4")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="with --multi-gpu: recipe overrides for every variant, e.g. train.attention=fa4")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
