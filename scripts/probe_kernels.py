@@ -1,0 +1,164 @@
+"""Kernel probes behind the README's "What bounds the training step" (GPU only; not benchmarks of ours).
+
+    python scripts/probe_kernels.py lora-gemms [--out F]   # one LoRA linear's GEMMs, three ways
+    python scripts/probe_kernels.py fa4-tiles [--out F]    # flash-attn-4's SM90 tile configs at d = 72
+
+lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
+GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
+and the two adapter weight gradients), then with the adapter concatenated onto the base weight, so
+that one GEMM reads x (or dy) once for both. Says how much the adapter costs per layer.
+
+fa4-tiles: the self-attention (8 x 16 heads x 4096 tokens x 72) forward and backward under
+flash-attn-4's own tile choice and under others, by swapping its private `_tile_size_*_sm90`
+functions (the tile sizes are part of its compile key), with each result checked against fp32
+attention. Needs flash-attn-4 and the dq fix of pixart_tune/fa4.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, iters: int = 30, warmup: int = 5) -> float:
+    """Mean ms of fn() over `iters` calls, CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def lora_gemms(m: int = 32768, r: int = 16) -> list[dict]:
+    # attention projections, FF up, FF down
+    return [_lora_gemm_row(m, k, n, r) for k, n in ((1152, 1152), (1152, 4608), (4608, 1152))]
+
+
+def _lora_gemm_row(m: int, k: int, n: int, r: int) -> dict:
+    from pixart_tune.lora_fused import gemm_plus_lowrank
+
+    x, dy = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16)
+
+    def base():
+        return x @ w.t(), dy @ w
+
+    def fused():  # lora_fused.py's GEMMs: y, dx through the in-place op, then dA and dB
+        h = x @ a.t()
+        y = gemm_plus_lowrank(x, w.t(), h, b.t(), None)
+        dh = dy @ b
+        return y, gemm_plus_lowrank(dy, w, dh, a, None), dh.t() @ x, dy.t() @ h
+
+    def concatenated():  # [y | h] = x [W; A]^T and [dx | dh] = dy [W | B]: one read of x, one of dy
+        out = x @ torch.cat([w, a]).t()
+        y, h = out[:, :n], out[:, n:]
+        y.addmm_(h, b.t())
+        out = dy @ torch.cat([w, b], 1)
+        dx, dh = out[:, :k], out[:, k:]
+        dx.addmm_(dh, a)
+        return y, dx, dh.t() @ x, dy.t() @ h
+
+    want, got = fused(), concatenated()
+    err = max(((p.float() - q.float()).abs().max() / q.float().abs().max()).item() for p, q in zip(got, want))
+    row = {"k": k, "n": n, "base_ms": timed(base), "fused_lora_ms": timed(fused),
+           "concatenated_ms": timed(concatenated), "concatenated_vs_fused_max_rel_err": err}  # fmt: skip
+    row["lora_cost_ms"] = row["fused_lora_ms"] - row["base_ms"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def fa4_tiles() -> list[dict]:
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute import interface as fa
+
+    from pixart_tune.fa4 import install_dq_fix
+
+    install_dq_fix()
+    batch, heads, tokens, dim = 8, 16, 4096, 72
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(batch, tokens, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(4))  # fmt: skip
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    # fp32 reference on 2 of the 8 samples (the kernels run the whole batch; errors are per element)
+    ref_in = [t[:2].detach().float().transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    ref_out = F.scaled_dot_product_attention(*ref_in)
+    ref = [t.transpose(1, 2).detach() for t in (ref_out, *torch.autograd.grad(ref_out, ref_in, do[:2].float().transpose(1, 2)))]
+    del ref_in, ref_out
+
+    def attention():
+        out = flash_attn_func(q, k, v, softmax_scale=dim**-0.5)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward():
+        with torch.no_grad():
+            attention()
+
+    def forward_backward():
+        torch.autograd.grad(attention(), (q, k, v), do)
+
+    def measure(label: str) -> dict:
+        try:
+            out = attention()
+            results = (out, *torch.autograd.grad(out, (q, k, v), do))
+        except Exception as exc:  # noqa: BLE001 - a config the kernels reject is a result too
+            return {"config": label, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+        err = [((a[:2].float() - b).abs().max() / b.abs().max()).item() for a, b in zip(results, ref)]
+        fwd, total = timed(forward, 20, 3), timed(forward_backward, 20, 3)
+        return {"config": label, "fwd_ms": fwd, "bwd_ms": total - fwd, "rel_err_o_dq_dk_dv": err}
+
+    bwd, fwd = fa.BwdConfig, fa.FwdConfig
+    # positional BwdConfig: m, n, stages Q/dO/PdS, SdP/dKV/dQ swapAB, atom layouts MSdP/NdKV/MdQ
+    backward_configs = {
+        "bwd 80x128 dQ_swapAB (its head dim 128 choice)": bwd(80, 128, 2, 2, 2, True, False, True, 1, 2, 1),
+        "bwd 64x128, dQ on both warp groups": bwd(64, 128, 2, 2, 2, True, False, False, 1, 2, 1),
+        "bwd 64x128, AtomLayoutMdQ 2": bwd(64, 128, 2, 2, 2, True, False, False, 1, 2, 2),
+        "bwd 128x128 (its head dim 64 choice)": bwd(128, 128, 2, 2, 2, True, False, False, 1, 2, 2),
+        "bwd 64x128, AtomLayoutMSdP 2": bwd(64, 128, 2, 2, 2, True, False, False, 2, 2, 1, dQ_single_wg=True),
+        "bwd 64x144": bwd(64, 144, 2, 2, 2, True, False, False, 1, 2, 1, dQ_single_wg=True),
+    }
+    forward_configs = {
+        "fwd 192x128": fwd(192, 128, False, True), "fwd 192x160": fwd(192, 160, False, True),
+        "fwd 192x176": fwd(192, 176, False, True), "fwd 128x128 RS": fwd(128, 128, True, True),
+        "fwd 128x144 RS": fwd(128, 144, True, True), "fwd 128x176": fwd(128, 176, False, True),
+    }  # fmt: skip
+    rows = [measure("flash-attn-4's own choice")]
+    for name, configs in (("_tile_size_bwd_sm90", backward_configs), ("_tile_size_fwd_sm90", forward_configs)):
+        original = getattr(fa, name)
+        try:
+            for label, config in configs.items():
+                setattr(fa, name, lambda *args, _config=config, **kwargs: _config)
+                rows.append(measure(label))
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            setattr(fa, name, original)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("probe", choices=["lora-gemms", "fa4-tiles"])
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("these probes time CUDA kernels: run them on a GPU")
+    rows = lora_gemms() if args.probe == "lora-gemms" else fa4_tiles()
+    result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "probe": args.probe, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
