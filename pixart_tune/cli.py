@@ -96,7 +96,8 @@ def _convert(args) -> None:
 def _push(args) -> None:
     from .hub import push_to_hub  # prints the URL itself
 
-    push_to_hub(args.adapter, args.repo, private=args.private, **({"commit_message": args.message} if args.message else {}))
+    push_to_hub(args.adapter, args.repo, private=args.private, base_model=args.base_model,
+                **({"commit_message": args.message} if args.message else {}))  # fmt: skip
 
 
 def _alpha(text: str) -> float | str:
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", required=True, help="user/name or org/name; created if needed")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--message", help="commit message")
+    p.add_argument("--base-model", help="the base's Hub id, where the run trained on a local copy of it")
     p.set_defaults(func=_push, friendly=True)
     return parser
 

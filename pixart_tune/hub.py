@@ -77,9 +77,14 @@ def find_adapter(adapter_or_run: str | Path) -> tuple[Path, Path | None]:
 
 
 def public_base(base: str | None) -> str | None:
-    """The base model as others can name it: the embedded tiny kit's cache folder -> 'embedded:tiny'."""
+    """The base model as others can name it: the embedded tiny kit's cache folder -> 'embedded:tiny';
+    a snapshot in the Hugging Face cache (.../models--ORG--NAME/snapshots/REV) -> 'ORG/NAME'."""
     if base and Path(base).name == f"tiny-pixart-v{TINY_VERSION}-seed0":
         return EMBEDDED_TINY
+    parts = Path(base).parts if base else ()
+    for folder, snapshots in zip(parts, parts[1:]):
+        if snapshots == "snapshots" and folder.startswith("models--") and folder.count("--") == 2:
+            return folder.removeprefix("models--").replace("--", "/")
     return base
 
 
@@ -283,26 +288,31 @@ def _hub_error(exc: Exception, repo_id: str, endpoint: str) -> HubError:
 
 
 def push_to_hub(adapter_or_run: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
-                commit_message: str | None = None) -> str:  # fmt: skip
+                commit_message: str | None = None, base_model: str | None = None) -> str:  # fmt: skip
     """Upload a LoRA (run dir or PEFT adapter folder) to the model repo `repo_id` in one commit; returns its URL.
 
     The repo is created if needed (`private` applies then; pushing with private=True to an existing
     public repo is refused). Pushing again makes a new commit with whatever changed (the Hub skips
-    files whose content is identical). `token`: default huggingface_hub's login / HF_TOKEN."""
+    files whose content is identical). `token`: default huggingface_hub's login / HF_TOKEN.
+    `base_model`: the Hub id of the base, for a run trained on a local copy of it (a Hugging Face
+    cache snapshot is recognised without it); it goes into the card and adapter_config.json."""
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     adapter, run = find_adapter(adapter_or_run)
     if not looks_like_hub_id(repo_id or ""):
         raise HubError(f"repo id {repo_id!r} must be 'namespace/name' (your user or organization, then the repo name)")
+    if base_model is not None and not looks_like_hub_id(base_model):
+        raise HubError(f"base_model {base_model!r} must be the base's Hub id, 'namespace/name' "
+                       "(e.g. PixArt-alpha/PixArt-XL-2-1024-MS)")  # fmt: skip
     if _offline():
         raise HubError("HF_HUB_OFFLINE is set: pushing needs the network. Unset HF_HUB_OFFLINE (or set it to 0) and retry.")
 
     config = yaml.safe_load((run / "config.yaml").read_text()) if run else None
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     recorded = adapter_config.get("base_model_name_or_path")
-    base = public_base((config or {}).get("model", {}).get("base") or recorded)
-    if base == EMBEDDED_TINY or is_hub_id(base):
+    base = base_model or public_base((config or {}).get("model", {}).get("base") or recorded)
+    if base == EMBEDDED_TINY or base_model or is_hub_id(base):
         adapter_config["base_model_name_or_path"] = base  # others load it by this name, not by our cache path
 
     token = token or get_token()

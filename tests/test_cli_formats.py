@@ -205,7 +205,10 @@ def test_push_goes_to_hub_push_to_hub(capsys, monkeypatch, run):
     monkeypatch.setattr(hub, "push_to_hub", lambda *a, **k: calls.append((a, k)) or "https://hub/user/name")
     code, _, err = cli(capsys, "push", run, "--repo", "user/name", "--private")
     assert code == 0, err
-    assert calls == [((str(run), "user/name"), {"private": True})]
+    code, _, err = cli(capsys, "push", run, "--repo", "user/name", "--base-model", "PixArt-alpha/PixArt-XL-2-1024-MS")
+    assert code == 0, err
+    assert calls == [((str(run), "user/name"), {"private": True, "base_model": None}),
+                     ((str(run), "user/name"), {"private": False, "base_model": "PixArt-alpha/PixArt-XL-2-1024-MS"})]
     monkeypatch.setattr(hub, "push_to_hub", lambda *a, **k: (_ for _ in ()).throw(hub.HubError("no Hugging Face token: log in")))
     code, _, err = cli(capsys, "push", run, "--repo", "user/name")
     assert code == 1 and err == "error: no Hugging Face token: log in\n"

@@ -17,7 +17,7 @@ from hub_server import HubServer, front_matter, point_client_at
 from PIL import Image
 from safetensors.torch import load_file
 
-from pixart_tune.hub import HubError, model_card, push_to_hub
+from pixart_tune.hub import HubError, model_card, public_base, push_to_hub
 
 WRITE = "hf_loopbackWRITEtoken0123456789"  # unique strings, so a leak is found by a plain search
 READ = "hf_loopbackREADtoken9876543210"
@@ -105,6 +105,35 @@ def test_push_run_uploads_adapter_single_file_samples_and_card(run, client, capf
     out = capfd.readouterr()
     assert f"to {url}" in out.out
     _no_token_anywhere(client, out.out, out.err)
+
+
+def test_push_names_the_hub_base_of_a_run_on_a_local_copy(run, client, tmp_path):
+    """A run trained on a local folder: base_model= names its Hub id in the card and adapter_config."""
+    local = tmp_path / "run"
+    shutil.copytree(run, local, ignore=shutil.ignore_patterns("cache"))
+    config = yaml.safe_load((local / "config.yaml").read_text())
+    config["model"]["base"] = str(tmp_path / "my-pixart-copy")
+    (local / "config.yaml").write_text(yaml.safe_dump(config))
+    push_to_hub(local, "user/local-base", token=WRITE)
+    files = client.files("user/local-base")
+    assert "base_model" not in front_matter(files["README.md"].decode()), "a local path is not a Hub id"
+    push_to_hub(local, "user/local-base", token=WRITE, base_model="PixArt-alpha/PixArt-XL-2-1024-MS")
+    files = client.files("user/local-base")
+    meta = front_matter(files["README.md"].decode())
+    assert meta["base_model"] == "PixArt-alpha/PixArt-XL-2-1024-MS" and meta["license"] == "openrail++"
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "PixArt-alpha/PixArt-XL-2-1024-MS"
+    n_requests = len(client.requests)
+    with pytest.raises(HubError, match="Hub id"):
+        push_to_hub(local, "user/local-base", token=WRITE, base_model="/data/my-pixart-copy")
+    assert len(client.requests) == n_requests, "a bad base_model is refused before any request"
+
+
+def test_public_base_names_hub_cache_snapshots_by_their_repo_id(tmp_path):
+    snapshot = tmp_path / "hub" / "models--PixArt-alpha--PixArt-XL-2-1024-MS" / "snapshots" / "0123abc"
+    assert public_base(str(snapshot)) == "PixArt-alpha/PixArt-XL-2-1024-MS"
+    assert public_base(str(tmp_path / "models--x" / "snapshots" / "1")) == str(tmp_path / "models--x" / "snapshots" / "1")
+    assert public_base("/data/my-base") == "/data/my-base" and public_base(None) is None
+    assert public_base("PixArt-alpha/PixArt-XL-2-512x512") == "PixArt-alpha/PixArt-XL-2-512x512"
 
 
 def test_push_again_makes_a_new_commit_and_unchanged_push_makes_none(run, client, tmp_path, capfd):
