@@ -456,9 +456,10 @@ def profile_runs_here(extra: tuple[str, ...]) -> bool:
 
 
 def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
-    """Where the GPU time of our LoRA recipe goes: a torch.profiler trace of a short trainer run,
-    CUDA kernel time grouped by kind. Compile warm-up adds little GPU time, so the steady steps dominate.
-    `extra`: more recipe overrides (e.g. train.fp8=true)."""
+    """Where the GPU time of our training step goes: a torch.profiler trace of a short trainer run,
+    CUDA kernel time grouped by kind. Compile warm-up adds little GPU time, so the steady steps dominate;
+    the run's model load (and, for a full fine-tune, its final save) are in the trace too.
+    `extra`: recipe overrides on top of the LoRA recipe's (PROFILES)."""
     from torch.profiler import ProfilerActivity, profile
 
     base = write_random_base(work / "base-1024", 128)
@@ -487,7 +488,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny kit, seconds")
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
-    p.add_argument("--profile", action="store_true", help="GPU time of the LoRA step by kernel kind")
+    p.add_argument("--profile", action="store_true", help="GPU time of the training step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
                    help="sections: cache lora fp8 full fa4 lora512 full512 memory baselines inference; "
                         "with --profile: lora fp8 fa4 full_fa4")  # fmt: skip
