@@ -96,7 +96,8 @@ class TrainConfig(_Section):
     ema_on_cpu: bool = False
     compile: Literal["none", "regional", "full"] = "none"  # regional = each transformer block
     # SDPA kernel preference; fa4 = FlashAttention-4 for the self-attention (pip install flash-attn-4;
-    # Hopper/Blackwell), cuDNN for the rest
+    # Hopper/Blackwell), cuDNN for the rest; auto = fa4 where it is installed on a Hopper+ GPU, else
+    # cudnn on CUDA, else SDPA's own choice (speed.resolve_attention)
     attention: Literal["auto", "cudnn", "flash", "efficient", "math", "fa4"] = "auto"
     # LoRA only: the frozen base linears of the transformer blocks run their matmuls in FP8 (e4m3,
     # one scale per row) on Hopper GPUs; faster, slightly different numerics (see README "Speed").

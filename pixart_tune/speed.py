@@ -5,12 +5,14 @@ blocks share one compiled graph, so warm-up takes seconds instead of minutes and
 of whole-model compile (shared/PERF.md). The attention preference puts a kernel first in SDPA's
 priority list: at 1024 px, cuDNN's fused attention runs PixArt's self-attention (head dim 72) much
 faster than flash or memory-efficient attention on Hopper. `fa4` (fa4.py) goes further for the
-self-attention.
+self-attention. `auto` (the default) picks the fastest of these that this machine has
+(`resolve_attention`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 
 import torch
 import torch._dynamo
@@ -45,6 +47,25 @@ def apply_compile(model: nn.Module, mode: str) -> nn.Module:
     if mode == "full":
         return torch.compile(model)
     return model
+
+
+def resolve_attention(preference: str, device) -> str:
+    """`auto` made concrete for the training step on `device`; other preferences are returned as given.
+
+    fa4 where flash-attn-4 imports and the GPU is Hopper or newer (the fastest measured: README,
+    Performance), else cudnn on CUDA (faster than SDPA's own first choice at head dim 72), else
+    `auto`: SDPA's own choice (CPU).
+    """
+    device = torch.device(device)
+    if preference != "auto" or device.type != "cuda":
+        return preference
+    if torch.cuda.get_device_capability(device)[0] >= 9 and importlib.util.find_spec("flash_attn") is not None:
+        try:  # flash_attn may be FlashAttention-2, which has no cute (FA4) module
+            import flash_attn.cute  # noqa: F401
+        except ImportError:
+            return "cudnn"
+        return "fa4"
+    return "cudnn"
 
 
 def attention_context(preference: str):

@@ -30,7 +30,7 @@ from .models import DTYPES, load_scheduler_config, load_transformer, resolve_bas
 from .objective import PixArtObjective
 from .optim import make_lr_schedule, make_optimizer
 from .prefetch import BatchPrefetcher
-from .speed import apply_compile, attention_context
+from .speed import apply_compile, attention_context, resolve_attention
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -250,6 +250,12 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         # `resume` says how this run started, not what it is: rerunning config.yaml starts afresh.
         save_config(cfg.model_copy(update={"resume": None}), run_dir / "config.yaml")
 
+    attention = resolve_attention(t.attention, accelerator.device)  # config.yaml keeps `auto` for other machines
+    if attention != t.attention:
+        if main:
+            print(f"train.attention={t.attention}: {attention} on this machine")
+        cfg = cfg.model_copy(update={"train": t.model_copy(update={"attention": attention})})
+        t = cfg.train
     base = resolve_base(cfg.model.base)
     # Every rank encodes its share of what is missing, then all read the same index from disk.
     index = build_cache(cfg, base, accelerator.device, show_progress=show_progress and main, rank=rank,

@@ -56,3 +56,36 @@ def test_regional_compile_keeps_the_loss(setup):
     compiled = apply_compile(copy.deepcopy(model), "regional")
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in transformer_blocks(compiled))
     torch.testing.assert_close(_loss(setup, model=compiled), _loss(setup), rtol=1e-4, atol=1e-5)
+
+
+def _fake_flash_attn(monkeypatch, with_cute: bool) -> None:
+    """A `flash_attn` package in sys.modules: FA4 (with flash_attn.cute) or FA2-like (without)."""
+    import importlib.machinery
+    import sys
+    import types
+
+    package = types.ModuleType("flash_attn")
+    package.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None, is_package=True)
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", types.ModuleType("flash_attn.cute") if with_cute else None)
+
+
+@pytest.mark.parametrize(
+    "capability, flash_attn, want",
+    [((9, 0), "fa4", "fa4"), ((10, 0), "fa4", "fa4"), ((8, 9), "fa4", "cudnn"), ((9, 0), "fa2", "cudnn"),
+     ((9, 0), None, "cudnn")],
+)  # fmt: skip
+def test_auto_attention_picks_the_fastest_this_machine_has(monkeypatch, capability, flash_attn, want):
+    from pixart_tune.speed import resolve_attention
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    if flash_attn:
+        _fake_flash_attn(monkeypatch, with_cute=flash_attn == "fa4")
+    else:
+        import importlib.util
+
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert resolve_attention("auto", "cuda") == want
+    assert resolve_attention("cudnn", "cuda") == "cudnn" and resolve_attention("flash", "cuda") == "flash"
+    assert resolve_attention("auto", "cpu") == "auto"  # SDPA's own choice off CUDA

@@ -191,6 +191,30 @@ def test_run_directory_files(tmp_path, cache_dir):
     assert (run / "final" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
 
 
+def test_auto_attention_is_resolved_per_run_and_config_keeps_auto(tmp_path, cache_dir, monkeypatch, capsys):
+    """What `auto` becomes is decided on the machine that trains (printed); config.yaml keeps `auto`
+    for another machine, and a Config passed in is not changed."""
+    from pixart_tune import speed, train, trainer
+    from pixart_tune.config import load_config
+
+    asked = []
+
+    def resolve(preference, device):
+        asked.append((preference, str(device)))
+        return "math" if preference == "auto" else preference
+
+    monkeypatch.setattr(trainer, "resolve_attention", resolve)
+    seen = []
+    real_context = speed.attention_context
+    monkeypatch.setattr(trainer, "attention_context", lambda p: seen.append(p) or real_context(p))
+    run = tmp_path / "run"
+    cfg = load_config(RECIPE, _overrides(run, cache_dir, "train.steps=2"))
+    train(cfg, show_progress=False)
+    assert asked == [("auto", "cpu")] and set(seen) == {"math"}
+    assert "train.attention=auto: math on this machine" in capsys.readouterr().out
+    assert cfg.train.attention == "auto" and load_config(run / "config.yaml").train.attention == "auto"
+
+
 def test_full_fine_tune_writes_a_diffusers_transformer(tmp_path, cache_dir):
     from diffusers import PixArtTransformer2DModel
 
