@@ -14,7 +14,7 @@ Two things shape this module:
   of flash-attn's private `_bwd_postprocess_convert`) and checks again. Only if that fails too are
   the heads zero-padded to a multiple of 32 (exact: zero columns add nothing to q.k, the extra
   output columns are sliced off, the softmax scale stays 1/sqrt(72)), which costs copies and FLOPs.
-  On an H100 at 1024 px: cuDNN 6.85 ms, FA4 padded 5.86 ms, FA4 unpadded with the fix 5.06 ms for
+  On an H100 at 1024 px: cuDNN 6.85 ms, FA4 padded 5.86 ms, FA4 unpadded with the fix 5.06-5.14 ms for
   one layer's forward+backward, dq within bf16 rounding of fp32 attention.
 - The kernels are opaque to torch.compile, so the call is excluded from compilation; regional
   compile then compiles each block's graph before and after it.
