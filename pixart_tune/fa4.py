@@ -24,6 +24,8 @@ Cross-attention (120 text tokens, masked) stays on SDPA, where cuDNN is faster a
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +33,18 @@ from torch import Tensor, nn
 from .speed import transformer_blocks
 
 HEAD_MULTIPLE = 32  # pad heads to this when the dq check fails (see the module docstring)
+
+
+def fa4_installed() -> bool:
+    """Whether FlashAttention-4 imports here. A `flash_attn` package alone is not enough: it may be
+    FlashAttention-2, which has no `cute` (FA4) module."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn.cute  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _flash_attn_func():

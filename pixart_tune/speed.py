@@ -12,7 +12,6 @@ self-attention. `auto` (the default) picks the fastest of these that this machin
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 
 import torch
 import torch._dynamo
@@ -56,16 +55,12 @@ def resolve_attention(preference: str, device) -> str:
     Performance), else cudnn on CUDA (faster than SDPA's own first choice at head dim 72), else
     `auto`: SDPA's own choice (CPU).
     """
+    from .fa4 import fa4_installed  # here: fa4.py imports this module
+
     device = torch.device(device)
     if preference != "auto" or device.type != "cuda":
         return preference
-    if torch.cuda.get_device_capability(device)[0] >= 9 and importlib.util.find_spec("flash_attn") is not None:
-        try:  # flash_attn may be FlashAttention-2, which has no cute (FA4) module
-            import flash_attn.cute  # noqa: F401
-        except ImportError:
-            return "cudnn"
-        return "fa4"
-    return "cudnn"
+    return "fa4" if torch.cuda.get_device_capability(device)[0] >= 9 and fa4_installed() else "cudnn"
 
 
 def attention_context(preference: str):

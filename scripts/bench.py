@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -269,6 +268,7 @@ def fa4_heads_padded():
 def run_sections(args, work: Path) -> dict:
     """Every measurement, in one process, one after the other (each frees the GPU after itself)."""
     from pixart_tune.bench_cache import measure_cache_throughput
+    from pixart_tune.fa4 import fa4_installed
     from pixart_tune.tiny import embedded_tiny_path
 
     smoke = args.smoke
@@ -312,7 +312,7 @@ def run_sections(args, work: Path) -> dict:
         ours("lora_fp8", base, data, res, [*fast, "train.fp8=true"])  # frozen base linears in FP8
     if "full" in want:
         ours("full", base, data, res, [*fast, "train.method=full", "train.lr=1e-5"])
-    fa4_missing = importlib.util.find_spec("flash_attn") is None
+    fa4_missing = not fa4_installed()
     if "fa4" in want and not smoke and fa4_missing:
         out["skipped"] = {"fa4": "flash-attn-4 is not installed (pip install -e '.[fa4]')"}
         print("fa4 sections skipped:", out["skipped"]["fa4"])
@@ -450,9 +450,11 @@ PROFILES = {
 
 def profile_runs_here(extra: tuple[str, ...]) -> bool:
     """fp8 needs sm90+; fa4 needs flash-attn-4 installed."""
+    from pixart_tune.fa4 import fa4_installed
+
     if "train.fp8=true" in extra and torch.cuda.get_device_capability() < (9, 0):
         return False
-    return "train.attention=fa4" not in extra or importlib.util.find_spec("flash_attn") is not None
+    return "train.attention=fa4" not in extra or fa4_installed()
 
 
 def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:

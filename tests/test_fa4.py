@@ -7,7 +7,6 @@ kernel with the same contract, which checks everything of ours (layout, padding,
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 import types
 
@@ -20,6 +19,7 @@ from pixart_tune.config import TrainConfig
 from pixart_tune.fa4 import (
     FA4SelfAttention,
     choose_head_padding,
+    fa4_installed,
     install_dq_fix,
     padded_attention,
     sdpa_attention,
@@ -177,7 +177,7 @@ def test_processor_refuses_a_mask_or_cross_attention(tiny_base):
         proc(attn, x, encoder_hidden_states=x)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn-4 is installed here")
+@pytest.mark.skipif(fa4_installed(), reason="flash-attn-4 is installed here")
 def test_use_fa4_without_the_package_names_the_fix(tiny_base):
     with pytest.raises(RuntimeError, match="pip install flash-attn-4.*train.attention=cudnn"):
         use_fa4(_transformer(tiny_base))
@@ -192,7 +192,7 @@ def test_config_takes_fa4():
 HOPPER_FA4 = (
     torch.cuda.is_available()
     and torch.cuda.get_device_capability()[0] >= 9
-    and importlib.util.find_spec("flash_attn") is not None
+    and fa4_installed()
 )
 
 
