@@ -47,14 +47,14 @@ def make_validator(cfg: Config, base: str, device, main: bool, sharded: bool) ->
 class Validator:
     """Generates the recipe's validation prompts × seeds with the model being trained.
 
-    `prompts`: encode_prompts' result where it was computed elsewhere (under FSDP the main process
-    encodes and the others receive it, so T5 is loaded once, not once per GPU)."""
+    `prompts`: encode_prompts' result (make_validator computes it on the main process only and
+    hands it to the others under FSDP, so T5 is loaded once, not once per GPU)."""
 
-    def __init__(self, cfg: Config, base: str, device, prompts: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, cfg: Config, base: str, device, prompts: tuple[torch.Tensor, torch.Tensor]):
         from diffusers import DPMSolverMultistepScheduler
 
         self.cfg, self.device = cfg.validation, torch.device(device)
-        self.embeds, self.masks = prompts if prompts is not None else encode_prompts(cfg, base, self.device)
+        self.embeds, self.masks = prompts
         self.vae = load_vae(base, DTYPES[cfg.model.weight_dtype], cfg.model.revision).eval()
         self.scheduler = DPMSolverMultistepScheduler.from_pretrained(base, subfolder="scheduler", revision=cfg.model.revision)
 

@@ -5,8 +5,9 @@ dataset that means reading all of it at start-up: 100k photos of 1.5 MB are 150 
 file's identity as the filesystem reports it -- path, size, inode, modification and status-change
 times in ns -- to the digest found last time, and a file whose identity changed is read and hashed
 again (git's rule). The status-change time is set by the kernel on every write and cannot be set
-back by tools that restore modification times, so rewritten content always shows. Tar members are keyed by their shard's identity and byte range. Bytes
-held in memory (Hugging Face rows) have no such identity and are always hashed.
+back by tools that restore modification times, so rewritten content always shows. Tar members are
+keyed by their shard's identity and byte range. Bytes held in memory (Hugging Face rows) have no
+such identity and are always hashed.
 
 The memo lives in the feature cache's folder (`digests.json`), is written atomically, and a missing
 or unreadable one is simply rebuilt. A stale entry cannot poison the cache: images still to be
