@@ -25,6 +25,9 @@ merged, no dropout, no DoRA, a frozen nn.Linear base; otherwise peft's own forwa
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 from torch import Tensor, nn
 
@@ -36,14 +39,28 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+@functools.cache
+def _triton_kernel():
+    """lowrank_triton (the one-kernel form of the op below) where Triton imports, else None."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from . import lowrank_triton
+
+    return lowrank_triton
+
+
 @torch.library.custom_op("pixart_tune::gemm_plus_lowrank", mutates_args=())
 def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
     """x @ w + h @ b (+ bias) for x (M, K), w (K, N), h (M, r), b (r, N), bias (N,): (M, N), one dtype.
 
-    The low-rank product (with the bias, through cuBLAS's bias epilogue) writes the fresh output;
-    the big GEMM then reads it as C and adds in place. Opaque to torch.compile on purpose: traced,
-    the in-place add would be functionalised back into an out-of-place addmm and its copy of C.
+    On Hopper, for short reductions, one Triton kernel does it all (lowrank_triton.py). Elsewhere the
+    low-rank product (with the bias, through cuBLAS's bias epilogue) writes the fresh output and the
+    big GEMM reads it as C and adds in place. Opaque to torch.compile on purpose: traced, the in-place
+    add would be functionalised back into an out-of-place addmm and its copy of C.
     """
+    kernel = _triton_kernel() if x.is_cuda else None
+    if kernel is not None and kernel.wanted(x, w, h, b, bias):
+        return kernel.gemm_plus_lowrank(x, w, h, b, bias)
     out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)
     return out.addmm_(x, w)
 

@@ -2,11 +2,16 @@
 
     python scripts/probe_kernels.py lora-gemms [--out F]   # one LoRA linear's GEMMs, three ways
     python scripts/probe_kernels.py fa4-tiles [--out F]    # flash-attn-4's SM90 tile configs at d = 72
+    python scripts/probe_kernels.py lowrank-triton [--out F]  # x @ w + h @ b: cuBLAS pair vs one Triton kernel
 
 lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
 GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
 and the two adapter weight gradients), then with the adapter concatenated onto the base weight, so
 that one GEMM reads x (or dy) once for both. Says how much the adapter costs per layer.
+
+lowrank-triton: the sum gemm_plus_lowrank computes, at the same shapes, in the forward's layout (x @ W^T)
+and the input gradient's (dy @ W): the base GEMM alone, the cuBLAS pair (PIXART_TUNE_TRITON_LORA=0) and
+lowrank_triton's kernel, called directly even where its routing rule would not pick it.
 
 fa4-tiles: the self-attention (8 x 16 heads x 4096 tokens x 72) forward and backward under
 flash-attn-4's own tile choice and under others, by swapping its private `_tile_size_*_sm90`
@@ -75,6 +80,33 @@ def _lora_gemm_row(m: int, k: int, n: int, r: int) -> dict:
     row = {"k": k, "n": n, "base_ms": timed(base), "fused_lora_ms": timed(fused),
            "concatenated_ms": timed(concatenated), "concatenated_vs_fused_max_rel_err": err}  # fmt: skip
     row["lora_cost_ms"] = row["fused_lora_ms"] - row["base_ms"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def lowrank_triton(m: int = 32768, r: int = 16) -> list[dict]:
+    rows = []
+    for k, n in ((1152, 1152), (1152, 4608), (4608, 1152)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        h = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
+        for direction, x, wl, b in (("forward", torch.randn(m, k), w.t(), torch.randn(n, r).t()),
+                                    ("input grad", torch.randn(m, n), w, torch.randn(r, k))):  # fmt: skip
+            rows.append(_lowrank_row(direction, x.to("cuda", torch.bfloat16), wl, h, b.to("cuda", torch.bfloat16)))
+    return rows
+
+
+def _lowrank_row(direction: str, x, w, h, b) -> dict:
+    import os
+
+    from pixart_tune import lowrank_triton as lt
+    from pixart_tune.lora_fused import gemm_plus_lowrank
+
+    os.environ["PIXART_TUNE_TRITON_LORA"] = "0"
+    row = {"k": x.shape[1], "n": w.shape[1], "direction": direction, "base_ms": timed(lambda: x @ w),
+           "cublas_pair_ms": timed(lambda: gemm_plus_lowrank(x, w, h, b, None)),
+           "triton_ms": timed(lambda: lt.gemm_plus_lowrank(x, w, h, b, None))}  # fmt: skip
+    os.environ.pop("PIXART_TUNE_TRITON_LORA")
+    row["routed_to_triton"] = lt.wanted(x, w, h, b, None)
     print(json.dumps(row), flush=True)
     return row
 
@@ -148,12 +180,12 @@ def fa4_tiles() -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("probe", choices=["lora-gemms", "fa4-tiles"])
+    p.add_argument("probe", choices=["lora-gemms", "fa4-tiles", "lowrank-triton"])
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("these probes time CUDA kernels: run them on a GPU")
-    rows = lora_gemms() if args.probe == "lora-gemms" else fa4_tiles()
+    rows = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton}[args.probe]()
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "probe": args.probe, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

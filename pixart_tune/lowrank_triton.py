@@ -1,0 +1,120 @@
+"""One Triton GEMM for `x @ w + h @ b (+ bias)`: the LoRA term enters the accumulator before the single store.
+
+lora_fused.py sums the adapter term into the base GEMM with two cuBLAS calls: the rank-r product writes
+the (M, N) output, the base GEMM reads it back as C and writes it again. That extra write and read of
+an (M, N) tensor is what the adapter costs beyond its small GEMMs. Here one persistent kernel (TMA
+loads, wgmma) accumulates x @ w over K in fp32, adds h @ b as one more rank-r MMA, adds the bias and
+writes the output once, rounded once.
+
+Measured on an H100 at PixArt's 1024 px shapes, batch 8 (M = 32768 tokens, r = 16; ms per call,
+`python scripts/probe_kernels.py lowrank-triton`; the base GEMM alone in brackets):
+
+    (K, N)          cuBLAS pair   this kernel
+    1152 -> 1152    0.169         0.145     (0.122) attention projections, forward and input gradient
+    1152 -> 4608    0.604-0.645   0.511     (0.464) FF up-projection forward, FF down input gradient
+    4608 -> 1152    0.489-0.495   0.492-0.509  long reductions: cuBLAS's mainloop pulls ahead
+
+so `wanted()` sends short reductions (K <= 2048) here and leaves long ones to cuBLAS. The rule is fixed,
+not timed at run time, so the same run picks the same kernels (and rounding) every time. Hopper only
+(sm90: TMA descriptors; measured there); anything else, and any layout the kernel does not take, stays
+on the cuBLAS pair. PIXART_TUNE_TRITON_LORA=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+MAX_REDUCTION = 2048  # K above this: cuBLAS (see the table above)
+MIN_ROWS = 2048  # fewer rows than this: too few tiles to fill the GPU, cuBLAS picks better
+
+
+@triton.jit
+def _gemm_plus_lowrank_kernel(x_desc, w_desc, h_desc, b_desc, y_desc, bias_ptr, M, N, K,
+                              W_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                              STAGES: tl.constexpr, NUM_SMS: tl.constexpr):  # fmt: skip
+    # Persistent: each program walks output tiles NUM_SMS apart, GROUP_M row tiles at a time so that
+    # neighbouring programs share w tiles in L2. w is (K, N) logically; W_TRANSPOSED: stored as (N, K).
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    group = GROUP_M * num_n
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True, num_stages=STAGES):
+        first_m = (tile // group) * GROUP_M
+        group_rows = min(num_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % group) % group_rows) * BM
+        off_n = ((tile % group) // group_rows) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([off_m, ki * BK])  # (BM, BK); rows/columns past the edge load as zeros
+            if W_TRANSPOSED:
+                w = w_desc.load([off_n, ki * BK]).T
+            else:
+                w = w_desc.load([ki * BK, off_n])  # (BK, BN)
+            acc = tl.dot(a, w, acc)
+        h = h_desc.load([off_m, 0])  # (BM, R)
+        if B_TRANSPOSED:
+            b = b_desc.load([off_n, 0]).T
+        else:
+            b = b_desc.load([0, off_n])  # (R, BN)
+        acc = tl.dot(h, b, acc)
+        if HAS_BIAS:
+            cols = off_n + tl.arange(0, BN)
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
+
+
+def _layout(t: Tensor) -> bool | None:
+    """For a 2-D (rows, cols) operand: False if row-major, True if the transpose of a row-major
+    tensor (what `W.t()` gives), None if neither (the kernel's TMA loads need one of the two)."""
+    if t.stride(1) == 1 and t.stride(0) == t.shape[1]:
+        return False
+    if t.stride(0) == 1 and t.stride(1) == t.shape[0]:
+        return True
+    return None
+
+
+def wanted(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> bool:
+    """Whether this kernel takes the call: Hopper, one 16-bit dtype, short reduction, enough rows, rank a
+    power of two from 16 (tl.dot's smallest K), and layouts/alignments TMA can load."""
+    if os.environ.get("PIXART_TUNE_TRITON_LORA", "1") == "0" or not x.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] != 9:
+        return False
+    (m, k), n, r = x.shape, w.shape[1], h.shape[1]
+    tensors = (x, w, h, b) if bias is None else (x, w, h, b, bias)
+    if x.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != x.dtype for t in tensors):
+        return False
+    if k > MAX_REDUCTION or m < MIN_ROWS or r < 16 or r > 128 or r & (r - 1) or k % 8 or n % 8:
+        return False
+    if _layout(x) is not False or _layout(h) is not False or _layout(w) is None or _layout(b) is None:
+        return False
+    return all(t.data_ptr() % 16 == 0 for t in tensors) and (bias is None or bias.is_contiguous())
+
+
+def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    """x (M, K) @ w (K, N) + h (M, r) @ b (r, N) (+ bias (N,)) -> (M, N) in x's dtype. Call only where
+    `wanted()` says yes."""
+    (m, k), n, r = x.shape, w.shape[1], h.shape[1]
+    bm, bn = (128, 256) if n >= 2048 else (256, 128)  # the H100's fastest of 15 tile configs tried, per shape
+    bk = 64
+    w_t, b_t = _layout(w), _layout(b)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    descs = (
+        TensorDescriptor.from_tensor(x, [bm, bk]),
+        TensorDescriptor.from_tensor(w.t() if w_t else w, [bn, bk] if w_t else [bk, bn]),
+        TensorDescriptor.from_tensor(h, [bm, r]),
+        TensorDescriptor.from_tensor(b.t() if b_t else b, [bn, r] if b_t else [r, bn]),
+        TensorDescriptor.from_tensor(y, [bm, bn]),
+    )
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
+    _gemm_plus_lowrank_kernel[grid](*descs, y if bias is None else bias, m, n, k, w_t, b_t, bias is not None,
+                                    bm, bn, bk, 4, 3, sms, num_warps=8)  # fmt: skip
+    return y

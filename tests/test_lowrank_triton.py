@@ -1,0 +1,90 @@
+"""The Triton form of gemm_plus_lowrank (Hopper only): values against fp32, the routing rule, and a LoRA
+linear's forward and backward through it against the cuBLAS pair."""
+
+import importlib.util
+
+import pytest
+import torch
+
+hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+pytestmark = pytest.mark.skipif(not hopper or importlib.util.find_spec("triton") is None,
+                                reason="needs a Hopper GPU and Triton")  # fmt: skip
+
+
+def _operands(m, k, n, r, transposed, bias, seed=0):
+    """x (M, K); w (K, N) and b (r, N) as the forward passes them (transposed views of W (N, K) and
+    s*B (N, r)) or as the backward does (W itself and A (r, K) as stored)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    x, h = rand(m, k), rand(m, r)
+    w = (rand(n, k) / k**0.5).t() if transposed else rand(k, n) / k**0.5
+    b = rand(n, r).t() if transposed else rand(r, n)
+    return x, w, h, b, (rand(n) if bias else None)
+
+
+@pytest.mark.parametrize("k,n", [(1152, 1152), (1152, 4608), (256, 200)])
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_kernel_matches_fp32(k, n, transposed, bias):
+    from pixart_tune import lowrank_triton
+
+    x, w, h, b, bias_t = _operands(2048 + 37, k, n, 16, transposed, bias)  # rows not a multiple of any tile
+    assert lowrank_triton.wanted(x, w, h, b, bias_t)
+    got = lowrank_triton.gemm_plus_lowrank(x, w, h, b, bias_t)
+    want = x.float() @ w.float() + h.float() @ b.float() + (0 if bias_t is None else bias_t.float())
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 1e-2
+    # rounded once from fp32: no worse than the cuBLAS pair, which rounds the adapter term first
+    pair = torch.mm(h, b) if bias_t is None else torch.addmm(bias_t, h, b)
+    pair = pair.addmm_(x, w)
+    assert (got.float() - want).abs().mean() <= (pair.float() - want).abs().mean() * 1.05
+
+
+def test_the_op_routes_here_only_where_wanted(monkeypatch):
+    from pixart_tune import lowrank_triton
+
+    x, w, h, b, bias = _operands(4096, 1152, 1152, 16, True, True)
+    calls = []
+    real = lowrank_triton.gemm_plus_lowrank
+    monkeypatch.setattr(lowrank_triton, "gemm_plus_lowrank", lambda *a: calls.append(1) or real(*a))
+    op = torch.ops.pixart_tune.gemm_plus_lowrank
+    op(x, w, h, b, bias)
+    assert calls == [1]
+    xl, wl, hl, bl, _ = _operands(4096, 4608, 1152, 16, True, False)  # long reduction: cuBLAS
+    assert not lowrank_triton.wanted(xl, wl, hl, bl, None)
+    op(xl, wl, hl, bl, None)
+    assert calls == [1]
+    assert not lowrank_triton.wanted(x[:100], w, h[:100], b, bias)  # too few rows
+    assert not lowrank_triton.wanted(x, w, h[:, :8].contiguous(), b[:8], bias)  # rank 8: below tl.dot's 16
+    assert not lowrank_triton.wanted(x.float(), w.float(), h.float(), b.float(), bias.float())
+    assert not lowrank_triton.wanted(x[:, ::2], w[::2], h, b, bias)  # x not row-major
+    monkeypatch.setenv("PIXART_TUNE_TRITON_LORA", "0")
+    assert not lowrank_triton.wanted(x, w, h, b, bias)
+
+
+def test_lora_linear_forward_and_backward_match_the_cublas_pair(monkeypatch):
+    from pixart_tune.lora_fused import lora_linear
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 2048, 1152, device="cuda", generator=g)
+    weight = torch.randn(1152, 1152, device="cuda", dtype=torch.bfloat16, generator=g) / 34
+    bias = torch.randn(1152, device="cuda", dtype=torch.bfloat16, generator=g)
+    a = (torch.randn(16, 1152, device="cuda", generator=g) / 34).requires_grad_()
+    b = (torch.randn(1152, 16, device="cuda", generator=g) / 4).requires_grad_()
+    dy = torch.randn(2, 2048, 1152, device="cuda", generator=g)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = lora_linear(xi, weight, bias, a, b, 2.0)
+        grads = torch.autograd.grad(y, (xi, a, b), dy)
+        return (y, *grads)
+
+    fused = run()
+    monkeypatch.setenv("PIXART_TUNE_TRITON_LORA", "0")
+    pair = run()
+    for got, want in zip(fused, pair):
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
