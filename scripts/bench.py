@@ -265,6 +265,16 @@ def fa4_heads_padded():
         fa4.choose_head_padding = choose
 
 
+@contextlib.contextmanager
+def triton_lora_off():
+    """The fused LoRA linears on the cuBLAS pair only (what runs off Hopper or without Triton)."""
+    os.environ["PIXART_TUNE_TRITON_LORA"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("PIXART_TUNE_TRITON_LORA")
+
+
 def run_sections(args, work: Path) -> dict:
     """Every measurement, in one process, one after the other (each frees the GPU after itself)."""
     from pixart_tune.bench_cache import measure_cache_throughput
@@ -272,7 +282,8 @@ def run_sections(args, work: Path) -> dict:
     from pixart_tune.tiny import embedded_tiny_path
 
     smoke = args.smoke
-    want = set(args.only or ["cache", "lora", "fp8", "full", "fa4", "lora512", "full512", "memory", "baselines", "inference"])
+    want = set(args.only or ["cache", "lora", "fp8", "full", "fa4", "fa4_variants", "lora512", "full512", "memory",
+                             "baselines", "inference"])  # fmt: skip
     res, batch = (256, 2) if smoke else (1024, args.batch)
     steps = args.steps or (4 if smoke else 40)
     dev = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
@@ -313,17 +324,20 @@ def run_sections(args, work: Path) -> dict:
     if "full" in want:
         ours("full", base, data, res, [*fast, "train.method=full", "train.lr=1e-5"])
     fa4_missing = not fa4_installed()
-    if "fa4" in want and not smoke and fa4_missing:
+    if want & {"fa4", "fa4_variants"} and not smoke and fa4_missing:
         out["skipped"] = {"fa4": "flash-attn-4 is not installed (pip install -e '.[fa4]')"}
         print("fa4 sections skipped:", out["skipped"]["fa4"])
+    fa4 = [*fast, "train.attention=fa4"]
     if "fa4" in want and not smoke and not fa4_missing:  # FlashAttention-4 self-attention (Hopper+)
-        fa4 = [*fast, "train.attention=fa4"]
         ours("lora_fa4", base, data, res, fa4)
         ours("lora_fa4_peft", base, data, res, [*fa4, "train.fused_lora=false"])  # peft's own LoRA forward
+        with triton_lora_off():  # the adapter summed by two cuBLAS GEMMs, not lowrank_triton's one kernel
+            ours("lora_fa4_cublas_pair", base, data, res, fa4)
+        ours("full_fa4", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5"])
+    if "fa4_variants" in want and not smoke and not fa4_missing:
         with fa4_heads_padded():  # what runs where flash-attn-4's dq check fails: heads zero-padded to 96
             ours("lora_fa4_padded", base, data, res, fa4)
         ours("lora_fa4_fp8", base, data, res, [*fa4, "train.fp8=true"])
-        ours("full_fa4", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5"])
     if "lora512" in want:
         ours("lora512", base512, data512, 512 if not smoke else 256, [*fast])
     if "full512" in want:
@@ -358,6 +372,7 @@ def print_table(r: dict) -> None:
             ("ours: full fine-tune", "full", "full", r["resolution"]),
             ("ours: LoRA, train.attention=fa4", "lora_fa4", "lora", r["resolution"]),
             ("ours: LoRA, fa4, peft's LoRA forward", "lora_fa4_peft", "lora", r["resolution"]),
+            ("ours: LoRA, fa4, no Triton LoRA GEMM", "lora_fa4_cublas_pair", "lora", r["resolution"]),
             ("ours: LoRA, fa4, heads padded to 96", "lora_fa4_padded", "lora", r["resolution"]),
             ("ours: LoRA, fa4 + fp8", "lora_fa4_fp8", "lora", r["resolution"]),
             ("ours: full fine-tune, fa4", "full_fa4", "full", r["resolution"]),
@@ -492,7 +507,7 @@ def main(argv=None) -> int:
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
     p.add_argument("--profile", action="store_true", help="GPU time of the training step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: cache lora fp8 full fa4 lora512 full512 memory baselines inference; "
+                   help="sections: cache lora fp8 full fa4 fa4_variants lora512 full512 memory baselines inference; "
                         "with --profile: lora fp8 fa4 full_fa4")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
