@@ -13,8 +13,8 @@ with beta = 1), and the backward is written out, keeping only x itself and the (
               dx = dh @ A + dy @ W              (M, K)  again one GEMM reading the other as C
               dA = dh^T @ x,  dB = s dy^T @ h   the adapter's weight gradients (W is frozen)
 
-Both sums are one opaque custom op (`gemm_plus_lowrank`): the small GEMM allocates the output and the
-base GEMM accumulates into it in place (`addmm_`, beta = 1). Left to torch.compile, an out-of-place
+Both sums are one opaque operator (`gemm_plus_lowrank`): the small GEMM allocates the output and the
+base GEMM accumulates into it in place (`addmm_`, beta = 1); on Hopper one Triton kernel does both. Left to torch.compile, an out-of-place
 `addmm` with a full C first copies C into a fresh output: 32 ms a step of device-to-device copies at
 batch 8, 1024 px on an H100 (README, Performance).
 
@@ -49,14 +49,12 @@ def _triton_kernel():
     return lowrank_triton
 
 
-@torch.library.custom_op("pixart_tune::gemm_plus_lowrank", mutates_args=())
-def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
     """x @ w + h @ b (+ bias) for x (M, K), w (K, N), h (M, r), b (r, N), bias (N,): (M, N), one dtype.
 
     On Hopper, for short reductions, one Triton kernel does it all (lowrank_triton.py). Elsewhere the
     low-rank product (with the bias, through cuBLAS's bias epilogue) writes the fresh output and the
-    big GEMM reads it as C and adds in place. Opaque to torch.compile on purpose: traced, the in-place
-    add would be functionalised back into an out-of-place addmm and its copy of C.
+    big GEMM reads it as C and adds in place.
     """
     kernel = _triton_kernel() if x.is_cuda else None
     if kernel is not None and kernel.wanted(x, w, h, b, bias):
@@ -65,7 +63,18 @@ def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor |
     return out.addmm_(x, w)
 
 
-@gemm_plus_lowrank.register_fake
+# An operator opaque to torch.compile, on purpose: traced, the in-place add above would be functionalised
+# back into an out-of-place addmm and its copy of C. Registered through torch.library.Library rather than
+# @torch.library.custom_op: the op runs ~460 times a training step, and custom_op's Python dispatch layers
+# cost about 20 us more per call than this (the step is partly host-bound on some machines). No autograd
+# kernel: it is only called inside _LoraLinear's forward and backward, which give the gradients.
+_LIB = torch.library.Library("pixart_tune", "DEF")
+_LIB.define("gemm_plus_lowrank(Tensor x, Tensor w, Tensor h, Tensor b, Tensor? bias) -> Tensor")
+_LIB.impl("gemm_plus_lowrank", _gemm_plus_lowrank, "CompositeExplicitAutograd")
+gemm_plus_lowrank = torch.ops.pixart_tune.gemm_plus_lowrank.default
+
+
+@torch.library.register_fake("pixart_tune::gemm_plus_lowrank")
 def _(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[1])
 
