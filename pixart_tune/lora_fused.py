@@ -68,7 +68,7 @@ def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor 
 # @torch.library.custom_op: the op runs ~460 times a training step, and custom_op's Python dispatch layers
 # cost about 20 us more per call than this (the step is partly host-bound on some machines). No autograd
 # kernel: it is only called inside _LoraLinear's forward and backward, which give the gradients.
-_LIB = torch.library.Library("pixart_tune", "DEF")
+_LIB = torch.library.Library("pixart_tune", "FRAGMENT")  # FRAGMENT: other modules may add ops
 _LIB.define("gemm_plus_lowrank(Tensor x, Tensor w, Tensor h, Tensor b, Tensor? bias) -> Tensor")
 _LIB.impl("gemm_plus_lowrank", _gemm_plus_lowrank, "CompositeExplicitAutograd")
 gemm_plus_lowrank = torch.ops.pixart_tune.gemm_plus_lowrank.default
