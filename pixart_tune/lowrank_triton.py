@@ -109,8 +109,11 @@ def _scratch(size: int, alignment: int, stream) -> Tensor:
 
 def wanted(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> bool:
     """Whether this kernel takes the call: Hopper, one 16-bit dtype, short reduction, enough rows, rank a
-    power of two from 16 (tl.dot's smallest K), and layouts/alignments TMA can load. Cheap: on every call."""
+    power of two from 16 (tl.dot's smallest K), layouts/alignments TMA can load, tensors on the current
+    device. Cheap: it runs on every call."""
     if not x.is_cuda or os.environ.get("PIXART_TUNE_TRITON_LORA") == "0" or not _hopper_sms(x.get_device()):
+        return False
+    if x.get_device() != torch.cuda.current_device():  # Triton launches (and _scratch allocates) on that one
         return False
     (m, k), n, r = x.shape, w.shape[1], h.shape[1]
     if k > MAX_REDUCTION or m < MIN_ROWS or r < 16 or r > 128 or r & (r - 1) or k % 8 or n % 8:
