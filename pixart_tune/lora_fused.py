@@ -65,7 +65,7 @@ def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor 
 
 # An operator opaque to torch.compile, on purpose: traced, the in-place add above would be functionalised
 # back into an out-of-place addmm and its copy of C. Registered through torch.library.Library rather than
-# @torch.library.custom_op: the op runs ~460 times a training step, and custom_op's Python dispatch layers
+# @torch.library.custom_op: the op runs ~500 times a training step, and custom_op's Python dispatch layers
 # cost about 20 us more per call than this (the step is partly host-bound on some machines). No autograd
 # kernel: it is only called inside _LoraLinear's forward and backward, which give the gradients.
 _LIB = torch.library.Library("pixart_tune", "FRAGMENT")  # FRAGMENT: other modules may add ops
