@@ -96,16 +96,15 @@ def lowrank_triton(m: int = 32768, r: int = 16) -> list[dict]:
 
 
 def _lowrank_row(direction: str, x, w, h, b) -> dict:
-    import os
+    from bench import triton_lora_off  # scripts/ is on sys.path when this runs as a script
 
     from pixart_tune import lowrank_triton as lt
     from pixart_tune.lora_fused import gemm_plus_lowrank
 
-    os.environ["PIXART_TUNE_TRITON_LORA"] = "0"
-    row = {"k": x.shape[1], "n": w.shape[1], "direction": direction, "base_ms": timed(lambda: x @ w),
-           "cublas_pair_ms": timed(lambda: gemm_plus_lowrank(x, w, h, b, None)),
-           "triton_ms": timed(lambda: lt.gemm_plus_lowrank(x, w, h, b, None))}  # fmt: skip
-    os.environ.pop("PIXART_TUNE_TRITON_LORA")
+    with triton_lora_off():
+        row = {"k": x.shape[1], "n": w.shape[1], "direction": direction, "base_ms": timed(lambda: x @ w),
+               "cublas_pair_ms": timed(lambda: gemm_plus_lowrank(x, w, h, b, None)),
+               "triton_ms": timed(lambda: lt.gemm_plus_lowrank(x, w, h, b, None))}  # fmt: skip
     row["routed_to_triton"] = lt.wanted(x, w, h, b, None)
     print(json.dumps(row), flush=True)
     return row
