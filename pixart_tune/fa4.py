@@ -5,7 +5,7 @@ At 1024 px the self-attention (4096 tokens, 16 heads of 72) is the largest cost 
 the head up. FlashAttention-4 (`pip install flash-attn-4`, CuTe DSL kernels compiled on first use)
 does the forward and backward at this shape in less time on Hopper, measured in scripts/bench.py.
 
-Two things shape this module:
+Three things shape this module:
 - flash-attn-4 (4.0.0b36 and every earlier 4.0 beta) returns a wrong dq on Hopper for head dims
   that are a multiple of 16 but not of 32 (72 among them): the backward kernel lays its fp32 dq
   accumulator out in head tiles rounded to 16 (80 for 72), the step that converts it to bf16 reads
@@ -16,10 +16,18 @@ Two things shape this module:
   output columns are sliced off, the softmax scale stays 1/sqrt(72)), which costs copies and FLOPs.
   On an H100 at 1024 px: cuDNN 6.85 ms, FA4 padded 5.86 ms, FA4 unpadded with the fix 5.06-5.14 ms for
   one layer's forward+backward, dq within bf16 rounding of fp32 attention.
-- The kernels are opaque to torch.compile, so the call is excluded from compilation; regional
-  compile then compiles each block's graph before and after it.
+- The kernels are called through an operator (`pixart_tune::flash_attention`, with its backward)
+  that torch.compile keeps whole, so a regionally compiled block is one graph, not two around a
+  graph break (+5% samples/s for the LoRA recipe on an H100; README, Performance). The operator
+  calls flash-attn-4's private `_flash_attn_fwd` and `_flash_attn_bwd`: its public function is an
+  autograd.Function, which cannot sit inside an operator.
+- Off CUDA, the operator runs the same maths in fp32 or wider (`_reference_forward`), so its wiring (the
+  saved tensors, the backward, the fake shapes torch.compile traces with) is tested on CPU.
 
-Cross-attention (120 text tokens, masked) stays on SDPA, where cuDNN is faster at that shape.
+Cross-attention (120 text tokens, masked) stays on SDPA. cuDNN does one layer's forward and backward
+at batch 8 in 0.69 ms, FA4 with the mask as per-sample key counts (`seqused_k`) in 0.97 ms
+(`scripts/probe_kernels.py cross-attention` on an H100), and FA4 with key counts failed a check
+against fp32 attention at smaller shapes.
 """
 
 from __future__ import annotations
@@ -47,27 +55,123 @@ def fa4_installed() -> bool:
     return True
 
 
-def _flash_attn_func():
+def _interface():
+    """flash-attn-4's interface module, with the two entry points the operator below calls."""
     try:
-        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute import interface
     except ImportError as exc:
         raise RuntimeError(
             "train.attention=fa4 needs FlashAttention-4: pip install flash-attn-4 "
             f"(and a Hopper or Blackwell GPU); or set train.attention=cudnn. ({exc})"
         ) from exc
-    return flash_attn_func
+    if not all(hasattr(interface, f) for f in ("_flash_attn_fwd", "_flash_attn_bwd")):
+        raise RuntimeError(
+            "this flash-attn-4 lacks _flash_attn_fwd/_flash_attn_bwd (pixart-tune is verified with 4.0.0b36): "
+            "pip install flash-attn-4==4.0.0b36, or set train.attention=cudnn"
+        )
+    return interface
 
 
-@torch.compiler.disable
+# FA4's forward and backward as operators that torch.compile keeps as opaque nodes of its graph.
+# Layout (B, N, H, D) for q, k, v, out and their gradients; lse (B, H, N) fp32, the softmax's
+# log-sum-exp that the backward needs.
+_LIB = torch.library.Library("pixart_tune", "FRAGMENT")
+_LIB.define("flash_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
+_LIB.define(
+    "flash_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+
+
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = (t.contiguous() for t in (q, k, v))  # FA4 wants them dense; the fake below says so too
+    out, lse, *_ = _interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True)
+    return out, lse
+
+
+def _flash_backward(dout, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
+    # Through the module attribute: install_dq_fix patches a function this one calls.
+    dq, dk, dv = _interface()._flash_attn_bwd(q, k, v, out, dout, lse, scale)
+    return dq, dk, dv
+
+
+def _wide(t: Tensor) -> Tensor:
+    """fp32 for half-precision tensors (what FA4 accumulates in); float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _reference_probs(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale), widened: (P (B, H, N, N), lse (B, H, N))."""
+    s = torch.einsum("bnhd,bmhd->bhnm", _wide(q), _wide(k)) * scale
+    lse = s.logsumexp(-1)
+    return (s - lse[..., None]).exp(), lse
+
+
+def _reference_forward(q, k, v, scale) -> tuple[Tensor, Tensor]:
+    """The maths FA4 implements, widened: the operator's CPU kernel (tests and opcheck run on it)."""
+    p, lse = _reference_probs(q, k, scale)
+    out = torch.einsum("bhnm,bmhd->bnhd", p, _wide(v))
+    return out.to(q.dtype).contiguous(), lse.float()  # dense, as FA4's outputs are
+
+
+def _reference_backward(dout, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
+    """FlashAttention's backward, widened: dS = P * (dO V^T - rowsum(dO * O)), from the recomputed P."""
+    p, _ = _reference_probs(q, k, scale)
+    do = _wide(dout)
+    dv = torch.einsum("bhnm,bnhd->bmhd", p, do)
+    dp = torch.einsum("bnhd,bmhd->bhnm", do, _wide(v))
+    delta = (do * _wide(out)).sum(-1).transpose(1, 2)  # (B, H, N)
+    ds = p * (dp - delta[..., None])
+    dq = torch.einsum("bhnm,bmhd->bnhd", ds, _wide(k)) * scale
+    dk = torch.einsum("bhnm,bnhd->bmhd", ds, _wide(q)) * scale
+    return tuple(g.to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+_LIB.impl("flash_attention", _flash_forward, "CUDA")
+_LIB.impl("flash_attention_backward", _flash_backward, "CUDA")
+_LIB.impl("flash_attention", _reference_forward, "CPU")
+_LIB.impl("flash_attention_backward", _reference_backward, "CPU")
+
+
+@torch.library.register_fake("pixart_tune::flash_attention")
+def _(q, k, v, scale):
+    b, n, h, _ = q.shape
+    return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, h, n, dtype=torch.float32)
+
+
+@torch.library.register_fake("pixart_tune::flash_attention_backward")
+def _(dout, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout, dlse):
+    if dout is None:  # only lse was used downstream: nothing computed here depends on it
+        return None, None, None, None
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.pixart_tune.flash_attention_backward(dout, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+torch.library.register_autograd("pixart_tune::flash_attention", _backward, setup_context=_setup_context)
+
+
 def _fa4(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """(B, N, H, D) in, (B, N, H, D) out; FA4's own autograd gives the backward.
+    """(B, N, H, D) in, (B, N, H, D) out, through the operator above.
 
     FA4 takes fp16/bf16 CUDA tensors only; anything else (an fp32 evaluation, say) goes to SDPA.
     """
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return sdpa_attention(q, k, v, scale)
-    out = _flash_attn_func()(q, k, v, softmax_scale=scale)
-    return out[0] if isinstance(out, tuple) else out
+    return torch.ops.pixart_tune.flash_attention(q, k, v, scale)[0]
 
 
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -181,7 +285,7 @@ def use_fa4(model: nn.Module, kernel=_fa4, pad_multiple: int | None = None) -> i
     blocks = transformer_blocks(model)
     attn = blocks[0].attn1
     if kernel is _fa4:
-        _flash_attn_func()
+        _interface()
         if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
             raise RuntimeError("train.attention=fa4 needs a Hopper (sm90) or Blackwell GPU; set train.attention=cudnn")
         if pad_multiple is None:

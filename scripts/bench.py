@@ -497,8 +497,32 @@ def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
     top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:30]
     result = {"gpu_ms_per_step": all_ms / 12, "share": {g: t / all_ms for g, t in sorted(totals.items(), key=lambda x: -x[1])},
               "top_kernels_ms_per_step": {e.key[:120]: e.device_time_total / 1e3 / 12 for e in top}}  # fmt: skip
+    trace = work / f"{name}-trace.json"
+    prof.export_chrome_trace(str(trace))
+    result["gpu_idle"] = gpu_idle(json.loads(trace.read_text())["traceEvents"], steps=12)
     print(json.dumps(result, indent=2))
     return result
+
+
+def gpu_idle(events: list[dict], steps: int) -> dict:
+    """Where the GPU waits between its kernels, from a profiler trace: the idle time per step in gaps
+    by size, and the kernels that most often come right after a gap of 20 us or more (where the host
+    was late). Gaps of 50 ms and more (model loading, compile, the final save) are left out."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)  # fmt: skip
+    sizes = {"<20us": 0.0, "20-100us": 0.0, "0.1-1ms": 0.0, "1-50ms": 0.0}
+    after: dict[str, float] = {}
+    end = spans[0][1] if spans else 0.0
+    for start, stop, name in spans[1:]:
+        gap = start - end  # us; concurrent kernels overlap and give none
+        if 0 < gap < 50_000:
+            bucket = "<20us" if gap < 20 else "20-100us" if gap < 100 else "0.1-1ms" if gap < 1000 else "1-50ms"
+            sizes[bucket] += gap / 1e3 / steps
+            if gap >= 20:
+                after[name[:80]] = after.get(name[:80], 0.0) + gap / 1e3 / steps
+        end = max(end, stop)
+    top = dict(sorted(after.items(), key=lambda x: -x[1])[:12])
+    return {"idle_ms_per_step": sum(sizes.values()), "by_gap_size_ms_per_step": sizes, "after_gaps_ms_per_step": top}
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@
     python scripts/probe_kernels.py lora-gemms [--out F]   # one LoRA linear's GEMMs, three ways
     python scripts/probe_kernels.py fa4-tiles [--out F]    # flash-attn-4's SM90 tile configs at d = 72
     python scripts/probe_kernels.py lowrank-triton [--out F]  # x @ w + h @ b: cuBLAS pair vs one Triton kernel
+    python scripts/probe_kernels.py cross-attention [--out F]  # masked text cross-attention: SDPA vs FA4
 
 lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
 GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
@@ -12,6 +13,10 @@ that one GEMM reads x (or dy) once for both. Says how much the adapter costs per
 lowrank-triton: the sum gemm_plus_lowrank computes, at the same shapes, in the forward's layout (x @ W^T)
 and the input gradient's (dy @ W): the base GEMM alone, the cuBLAS pair (PIXART_TUNE_TRITON_LORA=0) and
 lowrank_triton's kernel, called directly even where its routing rule would not pick it.
+
+cross-attention: one block's cross-attention at 1024 px (8 x 16 heads x 4096 queries over 120 T5
+tokens of 72, samples keeping 120 down to 50 of them), forward and backward: SDPA (cuDNN first, then
+its other kernels) with diffusers' additive mask, and flash-attn-4 with the mask as per-sample key counts.
 
 fa4-tiles: the self-attention (8 x 16 heads x 4096 tokens x 72) forward and backward under
 flash-attn-4's own tile choice and under others, by swapping its private `_tile_size_*_sm90`
@@ -177,14 +182,51 @@ def fa4_tiles() -> list[dict]:
     return rows
 
 
+def cross_attention(batch: int = 8, queries: int = 4096, keys: int = 120, heads: int = 16, d: int = 72) -> list[dict]:
+    from flash_attn.cute import flash_attn_varlen_func
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pixart_tune.fa4 import choose_head_padding
+
+    choose_head_padding(d)  # installs the dq fix where this flash-attn-4 needs it
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, do = (torch.randn(batch, queries, heads, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    k, v = (torch.randn(batch, keys, heads, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    kept = torch.linspace(keys, 50, batch, device="cuda").long()
+    bias = torch.where(torch.arange(keys, device="cuda") < kept[:, None], 0.0, -10000.0).to(torch.bfloat16)[:, None, :]
+
+    def sdpa():  # what diffusers' AttnProcessor2_0 runs: (B, H, N, D) with the bias broadcast over heads
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=bias[:, None], scale=d**-0.5)  # fmt: skip
+        return torch.autograd.grad(out, (q, k, v), do.transpose(1, 2)), out.transpose(1, 2)
+
+    def fa4():  # the kept tokens come first, so a count per sample is the mask
+        out = flash_attn_varlen_func(q, k, v, seqused_k=kept.int(), softmax_scale=d**-0.5)
+        out = out[0] if isinstance(out, tuple) else out
+        return torch.autograd.grad(out, (q, k, v), do), out
+
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(backends, set_priority=True):
+        want, got = sdpa(), fa4()
+        err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                  for a, b in zip((*got[0], got[1]), (*want[0], want[1])))  # fmt: skip
+        row = {"shape": [batch, queries, keys, heads, d], "sdpa_cudnn_first_ms": timed(sdpa), "fa4_ms": timed(fa4),
+               "fa4_vs_sdpa_max_rel_err": err}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("probe", choices=["lora-gemms", "fa4-tiles", "lowrank-triton"])
+    p.add_argument("probe", choices=["lora-gemms", "fa4-tiles", "lowrank-triton", "cross-attention"])
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("these probes time CUDA kernels: run them on a GPU")
-    rows = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton}[args.probe]()
+    probes = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton,
+              "cross-attention": cross_attention}  # fmt: skip
+    rows = probes[args.probe]()
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "probe": args.probe, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -22,3 +22,22 @@ def test_bench_smoke(tmp_path, tiny_home):
     assert data["inference"]["ours_s"] > 0 and data["inference"]["diffusers_peft_s"] > 0
     assert "ours: LoRA r16 attn+ff" in result.stdout and "(a) reference recipe" in result.stdout
     assert "torch " in result.stdout and "diffusers " in result.stdout  # versions are part of the table
+
+
+def test_gpu_idle_sums_the_gaps_between_kernels_by_size():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench import gpu_idle
+    finally:
+        sys.path.pop(0)
+    kernel = {"cat": "kernel"}
+    events = [{**kernel, "name": "a", "ts": 0, "dur": 100}, {**kernel, "name": "b", "ts": 50, "dur": 100},  # overlap
+              {**kernel, "name": "c", "ts": 160, "dur": 10},  # 10 us after b ends
+              {"cat": "gpu_memcpy", "name": "copy", "ts": 230, "dur": 10},  # 60 us
+              {"cat": "cpu_op", "name": "host", "ts": 240, "dur": 5000},  # not GPU work
+              {**kernel, "name": "d", "ts": 2240, "dur": 10},  # 2 ms
+              {**kernel, "name": "e", "ts": 100_000, "dur": 10}]  # fmt: skip  # 98 ms: a load, left out
+    idle = gpu_idle(events, steps=2)
+    assert idle["by_gap_size_ms_per_step"] == {"<20us": 0.005, "20-100us": 0.03, "0.1-1ms": 0.0, "1-50ms": 1.0}
+    assert idle["idle_ms_per_step"] == 1.035
+    assert idle["after_gaps_ms_per_step"] == {"d": 1.0, "copy": 0.03}

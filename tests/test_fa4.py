@@ -1,7 +1,8 @@
-"""train.attention=fa4: the self-attention processor, its head padding, and its start-up checks.
+"""train.attention=fa4: the attention operator, the self-attention processor, head padding, start-up checks.
 
-FlashAttention-4 itself runs only on Hopper/Blackwell GPUs; on CPU the processor is given an SDPA
-kernel with the same contract, which checks everything of ours (layout, padding, scale, wiring).
+FlashAttention-4 itself runs only on Hopper/Blackwell GPUs. On CPU the operator runs its reference
+maths and the processor is given an SDPA kernel with the same contract: together they check
+everything of ours (the operator's autograd wiring and fake shapes, layout, padding, scale, compile).
 """
 
 from __future__ import annotations
@@ -177,6 +178,71 @@ def test_processor_refuses_a_mask_or_cross_attention(tiny_base):
         proc(attn, x, encoder_hidden_states=x)
 
 
+def test_operator_values_and_gradients_are_attentions():
+    """The operator (its CPU kernel: the reference maths) and its registered backward against SDPA."""
+    q, k, v = _qkv(8, n=6, dtype=torch.float64)
+    out, lse = torch.ops.pixart_tune.flash_attention(q, k, v, 0.4)
+    ref = sdpa_attention(q, k, v, 0.4)
+    torch.testing.assert_close(out, ref)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * 0.4
+    torch.testing.assert_close(lse, scores.logsumexp(-1).float())
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        torch.testing.assert_close(a, b)
+
+
+def test_operator_passes_opcheck():
+    """Fake shapes and strides, autograd registration, schema: torch.library's own checks."""
+    q, k, v = _qkv(8, n=6)
+    torch.library.opcheck(torch.ops.pixart_tune.flash_attention.default, (q, k, v, 0.4))
+
+
+class _Holder(torch.nn.Module):
+    """A one-block stand-in for the transformer (use_fa4 finds `transformer_blocks`)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([block])
+
+
+def _block_inputs(block, tokens, device="cpu", dtype=torch.float32):
+    g = torch.Generator(device=device).manual_seed(0)
+    dim = block.attn1.to_q.in_features
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    bias = torch.tensor([[0.0] * 5, [0.0] * 3 + [-10000.0] * 2], device=device, dtype=dtype)[:, None, :]
+    return randn(2, tokens, dim).requires_grad_(), {"encoder_hidden_states": randn(2, 5, block.attn2.to_k.in_features),
+                                                   "encoder_attention_mask": bias, "timestep": randn(2, 6 * dim)}  # fmt: skip
+
+
+def test_a_compiled_block_with_the_operator_is_one_graph(tiny_base):
+    """No graph break around the attention (fullgraph=True would raise on one): a compiled block is one
+    graph, and compiled and eager agree in values and gradients."""
+    from torch._dynamo.utils import counters
+
+    block = _transformer(tiny_base).transformer_blocks[0]
+
+    def operator(q, k, v, scale):  # what _fa4 calls on a GPU (here the operator's CPU kernel runs)
+        return torch.ops.pixart_tune.flash_attention(q, k, v, scale)[0]
+
+    use_fa4(_Holder(block), kernel=operator, pad_multiple=1)
+    x, kwargs = _block_inputs(block, 16)
+
+    def run(fn):
+        out = fn(x, **kwargs)
+        return out, torch.autograd.grad(out.square().sum(), x)[0]
+
+    eager = run(block)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(torch.compile(block, backend="aot_eager", fullgraph=True))
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(fa4_installed(), reason="flash-attn-4 is installed here")
 def test_use_fa4_without_the_package_names_the_fix(tiny_base):
     with pytest.raises(RuntimeError, match="pip install flash-attn-4.*train.attention=cudnn"):
@@ -215,3 +281,22 @@ def test_fa4_kernel_matches_fp32_attention_on_gpu(d, multiple):
     for a, b in zip((out, *grads), (ref, *ref_grads)):
         err = ((a.float() - b).abs().max() / b.abs().max()).item()
         assert err < 2e-2, err  # bf16 inputs; a wrong dq (the unpadded bug) gives ~1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER_FA4, reason="needs flash-attn-4 and a Hopper/Blackwell GPU")
+def test_compiled_block_with_fa4_matches_eager_on_gpu(tiny_base):
+    """FA4's operator inside an Inductor-compiled block (one graph) against the same block eager."""
+    block = _transformer(tiny_base).transformer_blocks[0].cuda().bfloat16()
+    use_fa4(_Holder(block), pad_multiple=1)
+    x, kwargs = _block_inputs(block, 256, "cuda", torch.bfloat16)
+
+    def run(fn):
+        out = fn(x, **kwargs)
+        return out, torch.autograd.grad(out.float().square().sum(), x)[0]
+
+    eager = run(block)
+    compiled = run(torch.compile(block, fullgraph=True))
+    for a, b in zip(compiled, eager):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        assert err < 2e-2, err
