@@ -413,6 +413,9 @@ def multi_gpu(args, work: Path) -> dict:
     out = {}
     env = {**os.environ, **NO_NVLINK_MULTICAST}
     variants = [("lora", 1, ""), ("lora", 2, ""), ("full", 1, ""), ("full", 2, ""), ("full", 2, "fsdp")]
+    if args.only:  # --only lora / full (DDP) / fsdp; FSDP2 is compared with the 1-GPU full fine-tune
+        chosen = [v for v in variants if (v[2] or v[0]) in args.only]
+        variants = ([("full", 1, "")] if "fsdp" in args.only and "full" not in args.only else []) + chosen
     for method, n, sharding in variants:
         name = f"{method}-{sharding + '-' if sharding else ''}{n}gpu"
         run = work / f"mgpu-{name}"
@@ -438,7 +441,7 @@ def multi_gpu(args, work: Path) -> dict:
         out[f"{name}-losses"] = [round(x["loss"], 4) for x in rows]
         print(f"multi-gpu {name}: {out[name]:.2f} samples/s, peak {out[f'{name}-peak_gib']} GiB", flush=True)
     for two, one in (("lora-2gpu", "lora-1gpu"), ("full-2gpu", "full-1gpu"), ("full-fsdp-2gpu", "full-1gpu")):
-        if out[two] and out[one]:
+        if out.get(two) and out.get(one):
             out[f"{two}-scaling"] = out[two] / out[one]
     print(json.dumps(out, indent=2))
     return out
@@ -532,7 +535,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="GPU time of the training step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
                    help="sections: cache lora fp8 full fa4 fa4_variants lora512 full512 memory baselines inference; "
-                        "with --profile: lora fp8 fa4 full_fa4")  # fmt: skip
+                        "with --profile: lora fp8 fa4 full_fa4; with --multi-gpu: lora full fsdp")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="with --multi-gpu: recipe overrides for every variant, e.g. train.attention=fa4")
