@@ -18,14 +18,14 @@ Three things shape this module:
   one layer's forward+backward, dq within bf16 rounding of fp32 attention.
 - The kernels are called through an operator (`pixart_tune::flash_attention`, with its backward)
   that torch.compile keeps whole, so a regionally compiled block is one graph, not two around a
-  graph break (+5% samples/s for the LoRA recipe on an H100; README, Performance). The operator
-  calls flash-attn-4's private `_flash_attn_fwd` and `_flash_attn_bwd`: its public function is an
-  autograd.Function, which cannot sit inside an operator.
-- Off CUDA, the operator runs the same maths in fp32 or wider (`_reference_forward`), so its wiring (the
-  saved tensors, the backward, the fake shapes torch.compile traces with) is tested on CPU.
+  graph break (+4.5% and +5.4% samples/s for the LoRA recipe on two H100s; README, Performance).
+  The operator calls flash-attn-4's private `_flash_attn_fwd` and `_flash_attn_bwd`: its public
+  function is an autograd.Function, which cannot sit inside an operator.
+- Off CUDA, the operator runs the same maths in fp32 or wider (`_reference_forward`), so its wiring
+  (the saved tensors, the backward, the fake shapes torch.compile traces with) is tested on CPU.
 
 Cross-attention (120 text tokens, masked) stays on SDPA. cuDNN does one layer's forward and backward
-at batch 8 in 0.69 ms, FA4 with the mask as per-sample key counts (`seqused_k`) in 0.97 ms
+at batch 8 in 0.68 ms, FA4 with the mask as per-sample key counts (`seqused_k`) in 0.88 ms
 (`scripts/probe_kernels.py cross-attention` on an H100), and FA4 with key counts failed a check
 against fp32 attention at smaller shapes.
 """
