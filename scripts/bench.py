@@ -510,9 +510,14 @@ def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
 def gpu_idle(events: list[dict], steps: int) -> dict:
     """Where the GPU waits between its kernels, from a profiler trace: the idle time per step in gaps
     by size, and the kernels that most often come right after a gap of 20 us or more (where the host
-    was late). Gaps of 50 ms and more (model loading, compile, the final save) are left out."""
+    was late). Only the training steps count: the window runs from the first matmul or attention
+    kernel to the last (the model load before and the final save after are copies), and gaps of 50 ms
+    and more (a checkpoint, a log line's sync) are left out."""
     spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)  # fmt: skip
+    compute_keys = dict(KERNEL_GROUPS)["matmul"] + dict(KERNEL_GROUPS)["attention"]
+    compute = [i for i, (_, _, name) in enumerate(spans) if any(k in name.lower() for k in compute_keys)]
+    spans = spans[compute[0] : compute[-1] + 1] if compute else []
     sizes = {"<20us": 0.0, "20-100us": 0.0, "0.1-1ms": 0.0, "1-50ms": 0.0}
     after: dict[str, float] = {}
     end = spans[0][1] if spans else 0.0

@@ -31,13 +31,16 @@ def test_gpu_idle_sums_the_gaps_between_kernels_by_size():
     finally:
         sys.path.pop(0)
     kernel = {"cat": "kernel"}
-    events = [{**kernel, "name": "a", "ts": 0, "dur": 100}, {**kernel, "name": "b", "ts": 50, "dur": 100},  # overlap
-              {**kernel, "name": "c", "ts": 160, "dur": 10},  # 10 us after b ends
+    events = [{"cat": "gpu_memcpy", "name": "load", "ts": -900, "dur": 10},  # before the first compute kernel
+              {**kernel, "name": "gemm a", "ts": 0, "dur": 100}, {**kernel, "name": "b", "ts": 50, "dur": 100},
+              {**kernel, "name": "c", "ts": 160, "dur": 10},  # 10 us after b ends (a and b overlap)
               {"cat": "gpu_memcpy", "name": "copy", "ts": 230, "dur": 10},  # 60 us
               {"cat": "cpu_op", "name": "host", "ts": 240, "dur": 5000},  # not GPU work
-              {**kernel, "name": "d", "ts": 2240, "dur": 10},  # 2 ms
-              {**kernel, "name": "e", "ts": 100_000, "dur": 10}]  # fmt: skip  # 98 ms: a load, left out
+              {**kernel, "name": "flash d", "ts": 2240, "dur": 10},  # 2 ms
+              {**kernel, "name": "gemm e", "ts": 100_000, "dur": 10},  # 98 ms: a checkpoint, left out
+              {"cat": "gpu_memcpy", "name": "save", "ts": 100_500, "dur": 10}]  # fmt: skip  # after the last
     idle = gpu_idle(events, steps=2)
     assert idle["by_gap_size_ms_per_step"] == {"<20us": 0.005, "20-100us": 0.03, "0.1-1ms": 0.0, "1-50ms": 1.0}
     assert idle["idle_ms_per_step"] == 1.035
-    assert idle["after_gaps_ms_per_step"] == {"d": 1.0, "copy": 0.03}
+    assert idle["after_gaps_ms_per_step"] == {"flash d": 1.0, "copy": 0.03}
+    assert gpu_idle([{"cat": "gpu_memcpy", "name": "load", "ts": 0, "dur": 1}], steps=1)["idle_ms_per_step"] == 0
