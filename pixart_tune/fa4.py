@@ -32,6 +32,7 @@ against fp32 attention at smaller shapes.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -55,6 +56,7 @@ def fa4_installed() -> bool:
     return True
 
 
+@functools.cache  # looked up on every attention call (the raise is not cached)
 def _interface():
     """flash-attn-4's interface module, with the two entry points the operator below calls."""
     try:

@@ -49,6 +49,11 @@ def timed(fn, iters: int = 30, warmup: int = 5) -> float:
     return start.elapsed_time(end) / iters
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in fp32."""
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
 def lora_gemms(m: int = 32768, r: int = 16) -> list[dict]:
     # attention projections, FF up, FF down
     return [_lora_gemm_row(m, k, n, r) for k, n in ((1152, 1152), (1152, 4608), (4608, 1152))]
@@ -81,7 +86,7 @@ def _lora_gemm_row(m: int, k: int, n: int, r: int) -> dict:
         return y, dx, dh.t() @ x, dy.t() @ h
 
     want, got = fused(), concatenated()
-    err = max(((p.float() - q.float()).abs().max() / q.float().abs().max()).item() for p, q in zip(got, want))
+    err = max(rel_err(p, q) for p, q in zip(got, want))
     row = {"k": k, "n": n, "base_ms": timed(base), "fused_lora_ms": timed(fused),
            "concatenated_ms": timed(concatenated), "concatenated_vs_fused_max_rel_err": err}  # fmt: skip
     row["lora_cost_ms"] = row["fused_lora_ms"] - row["base_ms"]
@@ -150,7 +155,7 @@ def fa4_tiles() -> list[dict]:
             results = (out, *torch.autograd.grad(out, (q, k, v), do))
         except Exception as exc:  # noqa: BLE001 - a config the kernels reject is a result too
             return {"config": label, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
-        err = [((a[:2].float() - b).abs().max() / b.abs().max()).item() for a, b in zip(results, ref)]
+        err = [rel_err(a[:2], b) for a, b in zip(results, ref)]
         fwd, total = timed(forward, 20, 3), timed(forward_backward, 20, 3)
         return {"config": label, "fwd_ms": fwd, "bwd_ms": total - fwd, "rel_err_o_dq_dk_dv": err}
 
@@ -199,18 +204,17 @@ def cross_attention(batch: int = 8, queries: int = 4096, keys: int = 120, heads:
     def sdpa():  # what diffusers' AttnProcessor2_0 runs: (B, H, N, D) with the bias broadcast over heads
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=bias[:, None], scale=d**-0.5)  # fmt: skip
-        return torch.autograd.grad(out, (q, k, v), do.transpose(1, 2)), out.transpose(1, 2)
+        return out.transpose(1, 2), *torch.autograd.grad(out, (q, k, v), do.transpose(1, 2))
 
     def fa4():  # the kept tokens come first, so a count per sample is the mask
         out = flash_attn_varlen_func(q, k, v, seqused_k=kept.int(), softmax_scale=d**-0.5)
         out = out[0] if isinstance(out, tuple) else out
-        return torch.autograd.grad(out, (q, k, v), do), out
+        return out, *torch.autograd.grad(out, (q, k, v), do)
 
     backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     with sdpa_kernel(backends, set_priority=True):
         want, got = sdpa(), fa4()
-        err = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                  for a, b in zip((*got[0], got[1]), (*want[0], want[1])))  # fmt: skip
+        err = max(rel_err(a, b) for a, b in zip(got, want))
         row = {"shape": [batch, queries, keys, heads, d], "sdpa_cudnn_first_ms": timed(sdpa), "fa4_ms": timed(fa4),
                "fa4_vs_sdpa_max_rel_err": err}  # fmt: skip
     print(json.dumps(row), flush=True)
