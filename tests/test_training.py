@@ -89,6 +89,28 @@ def test_ctrl_c_saves_checkpoint_and_resume_completes(uninterrupted, tmp_path, c
     assert_same_tensors(_weights(resumed), _weights(uninterrupted))
 
 
+@pytest.mark.parametrize("device_type", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the pinned-memory + event path needs CUDA"))])
+def test_stop_vote_agrees_one_step_later(device_type):
+    """Several processes stop after the step where the summed Ctrl-C flags first reach the host: the
+    vote cast at step k is read at step k + 1, by every process alike (here another process's flag is
+    simulated by the reduce)."""
+    from pixart_tune.trainer import StopVote
+
+    others = iter([0.0, 0.0, 1.0, 0.0, 0.0])  # the other process sees Ctrl-C at the third step
+
+    class TwoProcesses:
+        device = torch.device(device_type)
+
+        def reduce(self, t, op):
+            assert op == "sum" and t.device.type == device_type
+            return t + next(others)
+
+    vote = StopVote(TwoProcesses())
+    mine = [False, True, False, False, False]  # this process sees it at the second step
+    assert [vote(flag) for flag in mine] == [False, False, True, True, False]
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_dir, monkeypatch):
     from pixart_tune import trainer
 
