@@ -45,12 +45,12 @@ def test_kernel_matches_fp32(k, n, transposed, bias):
 
 def test_the_op_routes_here_only_where_wanted(monkeypatch):
     from pixart_tune import lowrank_triton
+    from pixart_tune.lora_fused import gemm_plus_lowrank as op  # importing lora_fused registers the op
 
     x, w, h, b, bias = _operands(4096, 1152, 1152, 16, True, True)
     calls = []
     real = lowrank_triton.gemm_plus_lowrank
     monkeypatch.setattr(lowrank_triton, "gemm_plus_lowrank", lambda *a: calls.append(1) or real(*a))
-    op = torch.ops.pixart_tune.gemm_plus_lowrank
     op(x, w, h, b, bias)
     assert calls == [1]
     xl, wl, hl, bl, _ = _operands(4096, 4608, 1152, 16, True, False)  # long reduction: cuBLAS
@@ -63,6 +63,28 @@ def test_the_op_routes_here_only_where_wanted(monkeypatch):
     assert not lowrank_triton.wanted(x[:, ::2], w[::2], h, b, bias)  # x not row-major
     monkeypatch.setenv("PIXART_TUNE_TRITON_LORA", "0")
     assert not lowrank_triton.wanted(x, w, h, b, bias)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_tensors_on_another_gpu_stay_on_cublas_and_are_right():
+    """Triton launches on the current device (and its scratch is allocated there): operands on another
+    GPU, as in a process that did not make its GPU current, take the cuBLAS pair, on their own GPU."""
+    from pixart_tune import lowrank_triton
+    from pixart_tune.lora_fused import gemm_plus_lowrank
+
+    torch.cuda.set_device(0)
+    x, w, h, b, bias = (t.to("cuda:1") for t in _operands(4096, 1152, 1152, 16, True, True))
+    want = x.float() @ w.float() + h.float() @ b.float() + bias.float()
+
+    def rel_err(got):
+        assert got.device == x.device
+        return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+    assert not lowrank_triton.wanted(x, w, h, b, bias)
+    assert rel_err(gemm_plus_lowrank(x, w, h, b, bias)) < 1e-2
+    with torch.cuda.device(1):  # made current, the same call takes the kernel
+        assert lowrank_triton.wanted(x, w, h, b, bias)
+        assert rel_err(lowrank_triton.gemm_plus_lowrank(x, w, h, b, bias)) < 1e-2
 
 
 def test_lora_linear_forward_and_backward_match_the_cublas_pair(monkeypatch):
