@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections import Counter
 
 import pytest
@@ -89,12 +90,25 @@ def test_resume_mid_epoch_gives_the_same_remaining_batches():
     assert seen + take(resumed.forever(), 13) == uninterrupted
 
 
-def test_resume_refuses_a_different_plan():
-    state = BucketBatchSampler(BUCKETS, 2, seed=11).state_dict()
-    with pytest.raises(ValueError, match="batch_size was 2"):
-        BucketBatchSampler(BUCKETS, 4, seed=11).load_state_dict(state)
-    with pytest.raises(ValueError, match="buckets_digest"):
-        BucketBatchSampler(BUCKETS[::-1], 2, seed=11).load_state_dict(state)
+def test_resume_under_another_plan_goes_on_from_the_next_epoch():
+    first = BucketBatchSampler(BUCKETS, 2, seed=11)
+    take(first.forever(), len(first) + 3)  # 3 batches into epoch 1
+    state = first.state_dict()
+    for changed, sampler in [("batch_size 2 -> 4", BucketBatchSampler(BUCKETS, 4, seed=11)),
+                             ("world_size 1 -> 2", BucketBatchSampler(BUCKETS, 2, seed=11, rank=1, world_size=2)),
+                             ("buckets_digest", BucketBatchSampler(BUCKETS[::-1], 2, seed=11))]:  # fmt: skip
+        with pytest.warns(UserWarning, match=rf"{changed}.*start of epoch 2.*first 3 batches"):
+            sampler.load_state_dict(state)
+        assert (sampler.epoch, sampler.batches_consumed) == (2, 0)
+        assert next(iter(sampler)) == sampler.epoch_batches(2)[0]
+    # Saved at an epoch's start, nothing is skipped and nothing is said.
+    at_start = BucketBatchSampler(BUCKETS, 2, seed=11)
+    at_start.set_epoch(1)
+    sampler = BucketBatchSampler(BUCKETS, 4, seed=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.load_state_dict(at_start.state_dict())
+    assert (sampler.epoch, sampler.batches_consumed) == (1, 0)
 
 
 def test_bad_arguments():

@@ -35,6 +35,15 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / name))
 
 
+def _launch_two_cpu_processes(*args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `args` on 2 CPU processes (gloo); the test asserts on the result."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              *args]  # fmt: skip
+    return subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
 RESUME = ["train.steps=24", "train.checkpoint_every=8", "train.ema_decay=0.9", "train.lr_scheduler=cosine",
           "train.warmup_steps=3"]  # fmt: skip
 
@@ -64,6 +73,22 @@ def test_resume_after_sigkill_matches_uninterrupted(uninterrupted, tmp_path, cac
     resumed = train(RECIPE, _overrides(run, cache_dir, *RESUME, "resume=latest"), show_progress=False)
     assert_same_tensors(_weights(resumed), _weights(uninterrupted))  # EMA weights (final/)
     assert_same_tensors(_weights(run / "final-raw"), _weights(uninterrupted.parent / "final-raw"))
+
+
+def test_resume_on_two_processes_goes_on_from_the_next_epoch(uninterrupted, tmp_path, cache_dir):
+    """One process's checkpoint, saved mid-epoch, resumed by 2 CPU processes (as when a run moves to
+    more GPUs): the weights, optimizer and step carry on; the batch order restarts at the next epoch,
+    with a warning naming what changed."""
+    checkpoint = uninterrupted.parent / "checkpoints" / "step-000008"
+    saved = json.loads((checkpoint / "state.json").read_text())["sampler"]
+    assert saved["world_size"] == 1 and saved["batches_consumed"] > 0  # mid-epoch: something to skip
+    run = tmp_path / "two"
+    result = _launch_two_cpu_processes("-m", "pixart_tune", "train", str(RECIPE),
+                                       *_overrides(run, cache_dir, *RESUME, f"resume={checkpoint}", "train.batch_size=1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size 1 -> 2" in result.stderr and f"start of epoch {saved['epoch'] + 1}" in result.stderr
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] == 9 and steps[-1] == 24 and (run / "final" / "adapter_model.safetensors").is_file()
 
 
 def test_ctrl_c_saves_checkpoint_and_resume_completes(uninterrupted, tmp_path, cache_dir, monkeypatch):
@@ -138,12 +163,8 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cache_dir)
 
     common = ["train.steps=6", "train.lr_scheduler=linear"]
     one = train(RECIPE, _overrides(tmp_path / "one", cache_dir, *common, "train.batch_size=2"), show_progress=False)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-              "-m", "pixart_tune", "train", str(RECIPE),
-              *_overrides(tmp_path / "two", cache_dir, *common, "train.batch_size=1")]  # fmt: skip
-    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = _launch_two_cpu_processes("-m", "pixart_tune", "train", str(RECIPE),
+                                       *_overrides(tmp_path / "two", cache_dir, *common, "train.batch_size=1"))
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [[json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
@@ -337,11 +358,7 @@ def test_caption_dropout_trains_and_changes_the_result(tmp_path, cache_dir):
 
 def test_fsdp_validation_runs_t5_once_and_shares_the_features(tmp_path, tiny_base):
     """Under FSDP every process samples; only the main one loads T5 (2 CPU processes, gloo)."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-              str(REPO / "tests" / "validation_worker.py"), str(tiny_base), str(tmp_path)]  # fmt: skip
-    result = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = _launch_two_cpu_processes(str(REPO / "tests" / "validation_worker.py"), str(tiny_base), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in (0, 1)]
     assert [r["t5_loads"] for r in ranks] == [1, 0]

@@ -15,7 +15,7 @@ How one epoch is planned (identically on every rank, from seed, epoch and the bu
 The sampler is per epoch: iterating yields the rest of the current epoch; `set_epoch` starts another.
 `forever()` is the trainer's "next batch, forever" view. `state_dict()` records (epoch, batches
 consumed); after `load_state_dict` iteration continues with exactly the batches an uninterrupted
-run would have seen next. Note: batches count as consumed when the iterator hands them out; when a
+run would have seen next (with another plan, e.g. more processes: from the next epoch's start). Note: batches count as consumed when the iterator hands them out; when a
 DataLoader prefetches, save the number of batches actually trained on instead.
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 
 
@@ -148,17 +149,30 @@ class BucketBatchSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; refuse one saved with a different plan."""
+        """Continue from a saved position.
+
+        The epoch's plan depends on the data, seed, batch size, number of processes and drop_last. If
+        any changed since the save (say the run moves from one GPU to two), the saved position means
+        nothing in the new plan: the run goes on from the start of the next epoch, skipping the rest
+        of the saved one, and a warning says what changed. The weights lose nothing.
+        """
+        changed = []
         for name in ("seed", "batch_size", "world_size", "drop_last", "buckets_digest"):
             saved = state.get(name)
             current = self._buckets_digest() if name == "buckets_digest" else getattr(self, name)
             if saved is not None and saved != current:
-                raise ValueError(
-                    f"cannot resume the batch order: {name} was {saved!r} when saved, now {current!r}; "
-                    "the same data, seed, batch size and number of processes are needed to resume mid-epoch"
-                )
+                changed.append(f"{name} {saved!r} -> {current!r}")
         self.epoch = int(state["epoch"])
         self.batches_consumed = int(state["batches_consumed"])
+        if changed and self.batches_consumed:
+            warnings.warn(
+                f"the batch order changed since the checkpoint ({', '.join(changed)}): training goes on from the "
+                f"start of epoch {self.epoch + 1}, skipping the rest of epoch {self.epoch} (its first "
+                f"{self.batches_consumed} batches were trained). Resume with the same data, seed, batch size and "
+                "number of processes to continue mid-epoch exactly",
+                stacklevel=2,
+            )
+            self.set_epoch(self.epoch + 1)
 
     def _buckets_digest(self) -> str:
         """A short fingerprint of the bucket list (dataset order and bucket of every sample)."""
