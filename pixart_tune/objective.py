@@ -62,6 +62,14 @@ class PixArtObjective:
         self.coef_xt = (1.0 - acp_prev) * torch.sqrt(1.0 - betas) / (1.0 - acp)
         self.snr_gamma, self.noise_offset, self.vlb_weight = snr_gamma, noise_offset, vlb_weight
 
+    def to(self, device) -> PixArtObjective:
+        """Keep the schedule tables (float64, one entry per timestep) on `device`. Left on the CPU, every
+        step would copy them over to index them with the GPU's timesteps, and such a copy from pageable
+        memory waits for the GPU to finish all queued work, so the host loses its lead every step."""
+        for name in ("alphas_cumprod", "log_betas", "posterior_log_var", "coef_x0", "coef_xt"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def _at(self, table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """table[t] shaped (B, 1, 1, 1) to broadcast against `like`."""
         return table.to(like.device)[t].float().view(-1, 1, 1, 1)

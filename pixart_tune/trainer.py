@@ -119,7 +119,7 @@ class LossFn:
         self.objective = PixArtObjective(
             load_scheduler_config(base, cfg.model.revision), snr_gamma=t.snr_gamma,
             noise_offset=t.noise_offset, vlb_weight=vlb_weight(cfg),
-        )  # fmt: skip
+        ).to(device)  # fmt: skip
         self.scaling = _vae_scaling_factor(base, cfg.model.revision)
         self.micro_cond = bool(getattr(transformer, "use_additional_conditions", False))
         self.null = {k: v.to(device) for k, v in null.items()}

@@ -58,6 +58,40 @@ def test_regional_compile_keeps_the_loss(setup):
     torch.testing.assert_close(_loss(setup, model=compiled), _loss(setup), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA matter")
+def test_training_step_never_waits_for_the_gpu(setup):
+    """The step's Python must stay ahead of the GPU: nothing in the loss, backward, clipping or AdamW
+    step may synchronise with it (a blocking host-to-device copy, .item(), nonzero, ...). CUDA's
+    sync-debug mode makes every such call raise. Once, a CPU table indexed by the GPU's timesteps did."""
+    import copy
+
+    from pixart_tune.trainer import LossFn, sample_generators
+
+    cfg, base, features, batch, model, transformer = setup
+    model = copy.deepcopy(model).cuda()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    fn = LossFn(cfg, base, transformer, features.null, "cuda")
+    batch = {k: v.cuda() for k, v in batch.items()}
+
+    def step(n):
+        loss = fn(model, batch, sample_generators(0, n, 0, 0, 2, "cuda")).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    step(0)  # first calls: lazy initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(n).detach() for n in (1, 2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(x) for x in losses)
+
+
 def _fake_flash_attn(monkeypatch, with_cute: bool) -> None:
     """A `flash_attn` package in sys.modules: FA4 (with flash_attn.cute) or FA2-like (without)."""
     import importlib.machinery
