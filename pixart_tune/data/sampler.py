@@ -15,8 +15,9 @@ How one epoch is planned (identically on every rank, from seed, epoch and the bu
 The sampler is per epoch: iterating yields the rest of the current epoch; `set_epoch` starts another.
 `forever()` is the trainer's "next batch, forever" view. `state_dict()` records (epoch, batches
 consumed); after `load_state_dict` iteration continues with exactly the batches an uninterrupted
-run would have seen next (with another plan, e.g. more processes: from the next epoch's start). Note: batches count as consumed when the iterator hands them out; when a
-DataLoader prefetches, save the number of batches actually trained on instead.
+run would have seen next (under another plan, e.g. more processes: from the next epoch's start).
+Note: batches count as consumed when the iterator hands them out; when a DataLoader prefetches,
+save the number of batches actually trained on instead.
 """
 
 from __future__ import annotations
