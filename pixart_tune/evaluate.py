@@ -13,8 +13,8 @@ import torch
 from .cache import build_cache
 from .config import Config, load_config
 from .features import CachedFeatures, collate
+from .loss import LossFn, sample_generators
 from .models import DTYPES, load_transformer, resolve_base
-from .trainer import LossFn, sample_generators
 
 
 @torch.no_grad()

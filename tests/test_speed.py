@@ -31,7 +31,7 @@ def setup(tiny_home, tmp_path_factory):
 
 
 def _loss(setup, attention="auto", model=None):
-    from pixart_tune.trainer import LossFn, sample_generators
+    from pixart_tune.loss import LossFn, sample_generators
 
     cfg, base, features, batch, default_model, transformer = setup
     cfg = cfg.model_copy(deep=True)
@@ -65,7 +65,7 @@ def test_training_step_never_waits_for_the_gpu(setup):
     sync-debug mode makes every such call raise. Once, a CPU table indexed by the GPU's timesteps did."""
     import copy
 
-    from pixart_tune.trainer import LossFn, sample_generators
+    from pixart_tune.loss import LossFn, sample_generators
 
     cfg, base, features, batch, model, transformer = setup
     model = copy.deepcopy(model).cuda()

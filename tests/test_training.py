@@ -237,7 +237,7 @@ def test_run_directory_files(tmp_path, cache_dir):
 def test_auto_attention_is_resolved_per_run_and_config_keeps_auto(tmp_path, cache_dir, monkeypatch, capsys):
     """What `auto` becomes is decided on the machine that trains (printed); config.yaml keeps `auto`
     for another machine, and a Config passed in is not changed."""
-    from pixart_tune import speed, train, trainer
+    from pixart_tune import loss, speed, train, trainer
     from pixart_tune.config import load_config
 
     asked = []
@@ -249,7 +249,7 @@ def test_auto_attention_is_resolved_per_run_and_config_keeps_auto(tmp_path, cach
     monkeypatch.setattr(trainer, "resolve_attention", resolve)
     seen = []
     real_context = speed.attention_context
-    monkeypatch.setattr(trainer, "attention_context", lambda p: seen.append(p) or real_context(p))
+    monkeypatch.setattr(loss, "attention_context", lambda p: seen.append(p) or real_context(p))  # LossFn's
     run = tmp_path / "run"
     cfg = load_config(RECIPE, _overrides(run, cache_dir, "train.steps=2"))
     train(cfg, show_progress=False)
@@ -328,7 +328,7 @@ def test_lora_learns_a_single_concept(tmp_path, cache_dir):
 
 
 def test_caption_dropout_swaps_in_the_null_caption_per_sample():
-    from pixart_tune.trainer import _drop_captions
+    from pixart_tune.loss import _drop_captions
 
     embeds, mask = torch.randn(3, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     null = {"embeds": torch.randn(2, 4), "mask": torch.tensor([1, 1])}
