@@ -67,7 +67,7 @@ def attention_context(preference: str):
     """A context manager that makes SDPA try `preference` first (falling back to the others)."""
     if preference == "auto":
         return contextlib.nullcontext()
-    if preference == "fa4":  # attention runs FA4 (fa4.py); what is left to SDPA (if anything) wants cuDNN
+    if preference == "fa4":  # self-attention runs FA4 (fa4.py); the cross-attention left to SDPA wants cuDNN
         preference = "cudnn"
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
