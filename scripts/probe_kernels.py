@@ -221,16 +221,18 @@ def cross_attention(batch: int = 8, queries: int = 4096, keys: int = 120, heads:
     return [row]
 
 
+PROBES = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton,
+          "cross-attention": cross_attention}  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("probe", choices=["lora-gemms", "fa4-tiles", "lowrank-triton", "cross-attention"])
+    p.add_argument("probe", choices=PROBES)
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("these probes time CUDA kernels: run them on a GPU")
-    probes = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton,
-              "cross-attention": cross_attention}  # fmt: skip
-    rows = probes[args.probe]()
+    rows = PROBES[args.probe]()
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "probe": args.probe, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
