@@ -268,11 +268,15 @@ def fa4_heads_padded():
 @contextlib.contextmanager
 def triton_lora_off():
     """The fused LoRA linears on the cuBLAS pair only (what runs off Hopper or without Triton)."""
+    before = os.environ.get("PIXART_TUNE_TRITON_LORA")
     os.environ["PIXART_TUNE_TRITON_LORA"] = "0"
     try:
         yield
-    finally:
-        os.environ.pop("PIXART_TUNE_TRITON_LORA")
+    finally:  # as it was: a user's own setting survives the bench
+        if before is None:
+            os.environ.pop("PIXART_TUNE_TRITON_LORA")
+        else:
+            os.environ["PIXART_TUNE_TRITON_LORA"] = before
 
 
 def run_sections(args, work: Path) -> dict:
