@@ -10,11 +10,15 @@ import torch
 from .config import TrainConfig
 
 
-def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), 8-bit AdamW (bitsandbytes), Adafactor or Prodigy over fp32 params."""
+def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, device=None) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA), 8-bit AdamW (bitsandbytes), Adafactor or Prodigy over fp32 params.
+
+    `device`: where the params will train. The trainer builds the optimizer before accelerate moves the
+    model there, so the params' own device (the CPU, then) would pick torch's foreach AdamW, which
+    makes several passes over the weights and their state where the fused kernel makes one."""
     if t.optimizer == "adamw":
-        fused = all(p.is_cuda for p in params)  # one kernel for all params: fewer launches per step
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
+        on_cuda = torch.device(device).type == "cuda" if device is not None else all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=on_cuda or None)
     if t.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 

@@ -228,7 +228,8 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
 
     model, transformer = prepare_model(cfg, base)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = make_optimizer(list(named.values()), t)
+    # Fused AdamW on the GPU; under FSDP accelerate swaps in sharded params later, and those keep foreach.
+    optimizer = make_optimizer(list(named.values()), t, device=None if sharded else accelerator.device)
     lr_schedule = make_lr_schedule(optimizer, t)
     model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
     unwrapped = accelerator.unwrap_model(model)

@@ -186,6 +186,19 @@ def test_each_optimizer_trains(optimizer, tmp_path, cache_dir):
     assert max(v.abs().max() for v in lora_b) > 0, "B starts at zero: a step must move it"
 
 
+def test_adamw_is_fused_where_the_params_will_train():
+    """The trainer builds the optimizer while the params are still on the CPU (accelerate moves them
+    later): the training device, not the params' device, decides on the fused kernel."""
+    from pixart_tune.config import load_config
+    from pixart_tune.optim import make_optimizer
+
+    t = load_config(None, []).train
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert make_optimizer(params, t, device="cuda").defaults["fused"] is True
+    assert not make_optimizer(params, t, device="cpu").defaults["fused"]
+    assert not make_optimizer(params, t).defaults["fused"], "without a device, the params' own (the CPU here)"
+
+
 def test_lr_schedules():
     from pixart_tune.config import load_config
     from pixart_tune.optim import lr_factor
