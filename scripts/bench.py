@@ -279,6 +279,19 @@ def triton_lora_off():
             os.environ["PIXART_TUNE_TRITON_LORA"] = before
 
 
+@contextlib.contextmanager
+def adamw_foreach():
+    """AdamW as the trainer built it before it asked for the fused kernel: torch's foreach default."""
+    from pixart_tune import trainer
+
+    make = trainer.make_optimizer
+    trainer.make_optimizer = lambda params, t, device=None: make(params, t)  # the params are still on the CPU
+    try:
+        yield
+    finally:
+        trainer.make_optimizer = make
+
+
 def run_sections(args, work: Path) -> dict:
     """Every measurement, in one process, one after the other (each frees the GPU after itself)."""
     from pixart_tune.bench_cache import measure_cache_throughput
@@ -338,6 +351,12 @@ def run_sections(args, work: Path) -> dict:
         with triton_lora_off():  # the adapter summed by two cuBLAS GEMMs, not lowrank_triton's one kernel
             ours("lora_fa4_cublas_pair", base, data, res, fa4)
         ours("full_fa4", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5"])
+    if "adamw" in want and not smoke and not fa4_missing:  # fused against foreach AdamW, full fine-tune, ABBA
+        full = [*fa4, "train.method=full", "train.lr=1e-5"]
+        ours("full_fa4_warmup", base, data, res, full)  # a process's first full fine-tune runs slower: not counted
+        for name in ("fused", "foreach", "foreach_2", "fused_2"):
+            with adamw_foreach() if name.startswith("foreach") else contextlib.nullcontext():
+                ours(f"full_fa4_adamw_{name}", base, data, res, full)
     if "fa4_variants" in want and not smoke and not fa4_missing:
         with fa4_heads_padded():  # what runs where flash-attn-4's dq check fails: heads zero-padded to 96
             ours("lora_fa4_padded", base, data, res, fa4)
@@ -543,7 +562,7 @@ def main(argv=None) -> int:
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
     p.add_argument("--profile", action="store_true", help="GPU time of the training step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: cache lora fp8 full fa4 fa4_variants lora512 full512 memory baselines inference; "
+                   help="sections: cache lora fp8 full fa4 adamw fa4_variants lora512 full512 memory baselines inference; "
                         "with --profile: lora fp8 fa4 full_fa4; with --multi-gpu: lora full fsdp")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
