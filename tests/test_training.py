@@ -199,6 +199,18 @@ def test_adamw_is_fused_where_the_params_will_train():
     assert not make_optimizer(params, t).defaults["fused"], "without a device, the params' own (the CPU here)"
 
 
+def test_the_trainer_builds_the_optimizer_for_its_device(tmp_path, cache_dir, monkeypatch):
+    """The wiring that was missing: the trainer tells make_optimizer where training runs (on a GPU,
+    the fused AdamW), since its params are still on the CPU when it builds the optimizer."""
+    from pixart_tune import trainer
+
+    seen = []
+    make = trainer.make_optimizer
+    monkeypatch.setattr(trainer, "make_optimizer", lambda params, t, device=None: (seen.append(device), make(params, t, device))[1])
+    trainer.train(RECIPE, _overrides(tmp_path, cache_dir, "train.steps=1"), show_progress=False)
+    assert seen == [torch.device("cpu")]
+
+
 def test_lr_schedules():
     from pixart_tune.config import load_config
     from pixart_tune.optim import lr_factor
