@@ -206,7 +206,7 @@ def test_the_trainer_builds_the_optimizer_for_its_device(tmp_path, cache_dir, mo
 
     seen = []
     make = trainer.make_optimizer
-    monkeypatch.setattr(trainer, "make_optimizer", lambda params, t, device=None: (seen.append(device), make(params, t, device))[1])
+    monkeypatch.setattr(trainer, "make_optimizer", lambda params, t, device=None: seen.append(device) or make(params, t, device))
     trainer.train(RECIPE, _overrides(tmp_path, cache_dir, "train.steps=1"), show_progress=False)
     assert seen == [torch.device("cpu")]
 
