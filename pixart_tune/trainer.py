@@ -263,7 +263,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
 
     # Ctrl-C reaches every process; each notes it, and all stop after the same step (see below).
     interrupted = []
-    stop_vote = StopVote(accelerator)
+    stop_vote = StopVote(accelerator) if world > 1 else None  # one process needs no vote (nor its pinned buffer)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals only reach it
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if in_main_thread else None
     _init_trackers(accelerator, cfg)
@@ -329,7 +329,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
                 checkpoint(done, read_loss(done))
             # One process: stop now. Several: stop where all agree (a step later, without a host sync).
-            stop = stop_vote(bool(interrupted)) if world > 1 else bool(interrupted)
+            stop = stop_vote(bool(interrupted)) if stop_vote else bool(interrupted)
             if stop:
                 raise TrainingInterrupted(checkpoint(done, read_loss(done)))
     finally:
