@@ -33,26 +33,29 @@ from torch import Tensor
 
 MAX_REDUCTION = 2048  # K above this: cuBLAS (see the table above)
 MIN_ROWS = 2048  # fewer rows than this: too few tiles to fill the GPU, cuBLAS picks better
+BK = 64  # the mainloop's reduction tile
+_SHARED_MEMORY = 232448  # bytes a block may use on Hopper (227 KiB, the opt-in maximum of sm90)
 
 
 @triton.jit
 def _gemm_plus_lowrank_kernel(x_ptr, w_ptr, h_ptr, b_ptr, y_ptr, bias_ptr, M, N, K, x_rows, w_rows, h_rows, b_rows,
-                              R: tl.constexpr, W_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr,
+                              R_ALL, group_cols, R: tl.constexpr, W_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr,
                               HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                               GROUP_M: tl.constexpr, STAGES: tl.constexpr, NUM_SMS: tl.constexpr):  # fmt: skip
     # TMA descriptors built on the device (cheaper to launch than host-built ones). w is (K, N) logically;
     # W_TRANSPOSED: stored as (N, K) row-major (the forward's W.t()); likewise b (r, N) / stored (N, r).
-    # *_rows: the row strides of the stored operands.
+    # *_rows: the row strides of the stored operands. b may be block diagonal (see `gemm_plus_lowrank`):
+    # output columns [g * group_cols, (g + 1) * group_cols) take ranks [g * R, (g + 1) * R) of the R_ALL.
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[x_rows, 1], block_shape=[BM, BK])
     if W_TRANSPOSED:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[w_rows, 1], block_shape=[BN, BK])
     else:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[w_rows, 1], block_shape=[BK, BN])
-    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[M, R], strides=[h_rows, 1], block_shape=[BM, R])
+    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[M, R_ALL], strides=[h_rows, 1], block_shape=[BM, R])
     if B_TRANSPOSED:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, R], strides=[b_rows, 1], block_shape=[BN, R])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, R_ALL], strides=[b_rows, 1], block_shape=[BN, R])
     else:
-        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[R, N], strides=[b_rows, 1], block_shape=[R, BN])
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[R_ALL, N], strides=[b_rows, 1], block_shape=[R, BN])
     y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
     # Persistent: each program walks output tiles NUM_SMS apart, GROUP_M row tiles at a time so that
     # neighbouring programs share w tiles in L2.
@@ -73,11 +76,12 @@ def _gemm_plus_lowrank_kernel(x_ptr, w_ptr, h_ptr, b_ptr, y_ptr, bias_ptr, M, N,
             else:
                 w = w_desc.load([ki * BK, off_n])  # (BK, BN)
             acc = tl.dot(a, w, acc)
-        h = h_desc.load([off_m, 0])  # (BM, R)
+        r0 = (off_n // group_cols) * R  # this tile's block of ranks (a tile never straddles two)
+        h = h_desc.load([off_m, r0])  # (BM, R)
         if B_TRANSPOSED:
-            b = b_desc.load([off_n, 0]).T
+            b = b_desc.load([off_n, r0]).T
         else:
-            b = b_desc.load([0, off_n])  # (R, BN)
+            b = b_desc.load([r0, off_n])  # (R, BN)
         acc = tl.dot(h, b, acc)
         if HAS_BIAS:
             cols = off_n + tl.arange(0, BN)
@@ -107,16 +111,37 @@ def _scratch(size: int, alignment: int, stream) -> Tensor:
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
-def wanted(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> bool:
-    """Whether this kernel takes the call: Hopper, one 16-bit dtype, short reduction, enough rows, rank a
-    power of two from 16 (tl.dot's smallest K), layouts/alignments TMA can load, tensors on the current
-    device. Cheap: it runs on every call."""
+def _tiles(n: int, groups: int) -> tuple[int, int]:
+    """(BM, BN): the H100's fastest of 15 tile configs tried, per shape. A block-diagonal b needs tiles
+    that do not straddle two blocks: BN = 128, which divides the 1152 columns of each of q, k, v."""
+    return (128, 256) if n >= 2048 and groups == 1 else (256, 128)
+
+
+def _stages(bm: int, bn: int, r: int) -> int:
+    """Mainloop pipeline depth that fits the shared memory (3 where it fits, else 2, else 0: no fit).
+    Per stage an x and a w tile; once, the h and b tiles and the output tile the TMA store reads."""
+    for stages in (3, 2):
+        if 2 * (stages * (bm + bn) * BK + (bm + bn) * r + bm * bn) + 256 <= _SHARED_MEMORY:
+            return stages
+    return 0
+
+
+def wanted(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, groups: int = 1) -> bool:
+    """Whether this kernel takes the call: Hopper, one 16-bit dtype, short reduction, enough rows, rank
+    (per block, for a block-diagonal b) a power of two from 16 (tl.dot's smallest K) whose tiles fit
+    the shared memory, layouts/alignments TMA can load, tensors on the current device. Cheap: it runs
+    on every call."""
     if not x.is_cuda or os.environ.get("PIXART_TUNE_TRITON_LORA") == "0" or not _hopper_sms(x.get_device()):
         return False
     if x.get_device() != torch.cuda.current_device():  # Triton launches (and _scratch allocates) on that one
         return False
-    (m, k), n, r = x.shape, w.shape[1], h.shape[1]
+    (m, k), n, r_all = x.shape, w.shape[1], h.shape[1]
+    r = r_all // groups
+    if r * groups != r_all or n % groups or (groups > 1 and (n // groups) % _tiles(n, groups)[1]):
+        return False
     if k > MAX_REDUCTION or m < MIN_ROWS or r < 16 or r > 128 or r & (r - 1) or k % 8 or n % 8:
+        return False
+    if not _stages(*_tiles(n, groups), r):
         return False
     tensors = (x, w, h, b) if bias is None else (x, w, h, b, bias)
     if x.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != x.dtype for t in tensors):
@@ -126,11 +151,12 @@ def wanted(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> b
     return all(t.data_ptr() % 16 == 0 for t in tensors) and (bias is None or bias.is_contiguous())
 
 
-def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
-    """x (M, K) @ w (K, N) + h (M, r) @ b (r, N) (+ bias (N,)) -> (M, N) in x's dtype. Call only where
-    `wanted()` says yes."""
-    (m, k), n, r = x.shape, w.shape[1], h.shape[1]
-    bm, bn = (128, 256) if n >= 2048 else (256, 128)  # the H100's fastest of 15 tile configs tried, per shape
+def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
+    """x (M, K) @ w (K, N) + h (M, r) @ b (r, N) (+ bias (N,)) -> (M, N) in x's dtype. With groups > 1, b
+    is block diagonal: output columns [g N/groups, (g+1) N/groups) take only ranks [g r/groups, ...),
+    the rest of b being zeros that the kernel skips. Call only where `wanted()` says yes."""
+    (m, k), n, r_all = x.shape, w.shape[1], h.shape[1]
+    bm, bn = _tiles(n, groups)
     w_t, b_t = _layout(w), _layout(b)
     w_stored, b_stored = (w.t() if w_t else w), (b.t() if b_t else b)  # row-major, as in memory
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
@@ -138,6 +164,7 @@ def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor |
     triton.set_allocator(_scratch)  # per call: the backward runs on autograd's own thread
     grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
     _gemm_plus_lowrank_kernel[grid](x, w_stored, h, b_stored, y, y if bias is None else bias, m, n, k, x.stride(0),
-                                    w_stored.stride(0), h.stride(0), b_stored.stride(0), r, w_t, b_t, bias is not None,
-                                    bm, bn, 64, 4, 3, sms, num_warps=8)  # fmt: skip
+                                    w_stored.stride(0), h.stride(0), b_stored.stride(0), r_all, n // groups,
+                                    r_all // groups, w_t, b_t, bias is not None, bm, bn, BK, 4,
+                                    _stages(bm, bn, r_all // groups), sms, num_warps=8)  # fmt: skip
     return y

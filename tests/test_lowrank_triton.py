@@ -43,6 +43,38 @@ def test_kernel_matches_fp32(k, n, transposed, bias):
     assert (got.float() - want).abs().mean() <= (pair.float() - want).abs().mean() * 1.05
 
 
+@pytest.mark.parametrize("r", [32, 64, 128])
+def test_larger_ranks_fit_the_shared_memory_or_go_to_cublas(r):
+    """Rank 32 and 64 (lora.rank) take the kernel with a shallower pipeline; at 128 its tiles do not fit
+    the shared memory, and the op's cuBLAS pair answers instead of a launch failure."""
+    from pixart_tune import lowrank_triton
+    from pixart_tune.lora_fused import gemm_plus_lowrank as op
+
+    x, w, h, b, bias = _operands(4096, 1152, 1152, r, True, True)
+    want = x.float() @ w.float() + h.float() @ b.float() + bias.float()
+    assert lowrank_triton.wanted(x, w, h, b, bias) == (r < 128)
+    got = op(x, w, h, b, bias)
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 1e-2
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_a_block_diagonal_b_adds_each_tiles_own_block(transposed):
+    """groups = 3 (a joint q/k/v projection): b is block diagonal, (3 x 16, 3 x 1152); the kernel adds
+    only each output tile's block, which equals the full product since the rest of b is zeros."""
+    from pixart_tune import lowrank_triton
+
+    x, w, h, _, bias = _operands(4096 + 37, 1152, 3 * 1152, 48, transposed, True)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    blocks = [torch.randn(1152, 16, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)]
+    b = torch.block_diag(*blocks)  # (3456, 48)
+    b = b.t() if transposed else b.t().contiguous()  # (48, 3456): the forward's view, or stored row-major
+    assert lowrank_triton.wanted(x, w, h, b, bias, groups=3)
+    assert not lowrank_triton.wanted(x, w, h, b, bias, groups=5)  # 48 ranks do not split in 5
+    got = lowrank_triton.gemm_plus_lowrank(x, w, h, b, bias, groups=3)
+    want = x.float() @ w.float() + h.float() @ b.float() + bias.float()
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 1e-2
+
+
 def test_the_op_routes_here_only_where_wanted(monkeypatch):
     from pixart_tune import lowrank_triton
     from pixart_tune.lora_fused import gemm_plus_lowrank as op  # importing lora_fused registers the op
