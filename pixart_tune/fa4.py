@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lora_fused import joint_projection
 from .speed import transformer_blocks
 
 HEAD_MULTIPLE = 32  # pad heads to this when the dq check fails (see the module docstring)
@@ -75,27 +76,29 @@ def _interface():
 
 
 # FA4's forward and backward as operators that torch.compile keeps as opaque nodes of its graph.
-# Layout (B, N, H, D) for q, k, v, out and their gradients; lse (B, H, N) fp32, the softmax's
-# log-sum-exp that the backward needs.
+# They take q, k and v packed as one qkv (B, N, 3, H, D) tensor, the output of the joint q/k/v
+# projection (lora_fused.joint_projection), and the backward returns dqkv in that same layout: FA4
+# reads q, k, v as strided views and writes dq, dk, dv into views of one buffer, so neither way
+# copies them apart or together (three separate gradients would be concatenated for the joint
+# projection's backward: a 226 MB copy a block at batch 8, 1024 px). out (B, N, H, D); lse (B, H, N)
+# fp32, the softmax's log-sum-exp that the backward needs.
 _LIB = torch.library.Library("pixart_tune", "FRAGMENT")
-_LIB.define("flash_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)")
-_LIB.define(
-    "flash_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
-    "-> (Tensor, Tensor, Tensor)"
-)
+_LIB.define("flash_attention(Tensor qkv, float scale) -> (Tensor, Tensor)")
+_LIB.define("flash_attention_backward(Tensor dout, Tensor qkv, Tensor out, Tensor lse, float scale) -> Tensor")
 
 
-def _flash_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    q, k, v = (t.contiguous() for t in (q, k, v))  # FA4 wants them dense; the fake below says so too
+def _flash_forward(qkv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = qkv.unbind(2)  # strided views: FA4 reads them in place (it copies only misaligned layouts)
     out, lse, *_ = _interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True)
     return out, lse
 
 
-def _flash_backward(dout, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
-    q, k, v, out, dout = (t.contiguous() for t in (q, k, v, out, dout))
+def _flash_backward(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float) -> Tensor:
+    dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)  # dense, as the fake below says
+    dq, dk, dv = dqkv.unbind(2)
     # Through the module attribute: install_dq_fix patches a function this one calls.
-    dq, dk, dv = _interface()._flash_attn_bwd(q, k, v, out, dout, lse, scale)
-    return dq, dk, dv
+    _interface()._flash_attn_bwd(*qkv.unbind(2), out.contiguous(), dout.contiguous(), lse, scale, dq=dq, dk=dk, dv=dv)
+    return dqkv
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -110,15 +113,17 @@ def _reference_probs(q: Tensor, k: Tensor, scale: float) -> tuple[Tensor, Tensor
     return (s - lse[..., None]).exp(), lse
 
 
-def _reference_forward(q, k, v, scale) -> tuple[Tensor, Tensor]:
+def _reference_forward(qkv, scale) -> tuple[Tensor, Tensor]:
     """The maths FA4 implements, widened: the operator's CPU kernel (tests and opcheck run on it)."""
+    q, k, v = qkv.unbind(2)
     p, lse = _reference_probs(q, k, scale)
     out = torch.einsum("bhnm,bmhd->bnhd", p, _wide(v))
     return out.to(q.dtype).contiguous(), lse.float()  # dense, as FA4's outputs are
 
 
-def _reference_backward(dout, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
+def _reference_backward(dout, qkv, out, lse, scale) -> Tensor:
     """FlashAttention's backward, widened: dS = P * (dO V^T - rowsum(dO * O)), from the recomputed P."""
+    q, k, v = qkv.unbind(2)
     p, _ = _reference_probs(q, k, scale)
     do = _wide(dout)
     dv = torch.einsum("bhnm,bnhd->bmhd", p, do)
@@ -127,7 +132,7 @@ def _reference_backward(dout, q, k, v, out, lse, scale) -> tuple[Tensor, Tensor,
     ds = p * (dp - delta[..., None])
     dq = torch.einsum("bhnm,bmhd->bnhd", ds, _wide(k)) * scale
     dk = torch.einsum("bhnm,bnhd->bmhd", ds, _wide(q)) * scale
-    return tuple(g.to(t.dtype).contiguous() for g, t in ((dq, q), (dk, k), (dv, v)))
+    return torch.stack((dq, dk, dv), dim=2).to(qkv.dtype)  # (B, N, 3, H, D), dense
 
 
 _LIB.impl("flash_attention", _flash_forward, "CUDA")
@@ -137,66 +142,69 @@ _LIB.impl("flash_attention_backward", _reference_backward, "CPU")
 
 
 @torch.library.register_fake("pixart_tune::flash_attention")
-def _(q, k, v, scale):
-    b, n, h, _ = q.shape
-    return q.new_empty(b, n, h, v.shape[-1]), q.new_empty(b, h, n, dtype=torch.float32)
+def _(qkv, scale):
+    b, n, _, h, d = qkv.shape
+    return qkv.new_empty(b, n, h, d), qkv.new_empty(b, h, n, dtype=torch.float32)
 
 
 @torch.library.register_fake("pixart_tune::flash_attention_backward")
-def _(dout, q, k, v, out, lse, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, qkv, out, lse, scale):
+    return qkv.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    qkv, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(qkv, out, lse)
     ctx.scale = scale
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse):
     if dout is None:  # only lse was used downstream: nothing computed here depends on it
-        return None, None, None, None
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.pixart_tune.flash_attention_backward(dout, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+        return None, None
+    qkv, out, lse = ctx.saved_tensors
+    return torch.ops.pixart_tune.flash_attention_backward(dout, qkv, out, lse, ctx.scale), None
 
 
 torch.library.register_autograd("pixart_tune::flash_attention", _backward, setup_context=_setup_context)
 
 
-def _fa4(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """(B, N, H, D) in, (B, N, H, D) out, through the operator above.
+def _fa4(qkv: Tensor, scale: float) -> Tensor:
+    """qkv (B, N, 3, H, D) in, (B, N, H, D) out, through the operator above.
 
     FA4 takes fp16/bf16 CUDA tensors only; anything else (an fp32 evaluation, say) goes to SDPA.
     """
-    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return sdpa_attention(q, k, v, scale)
-    return torch.ops.pixart_tune.flash_attention(q, k, v, scale)[0]
+    if not qkv.is_cuda or qkv.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa_attention(qkv, scale)
+    return torch.ops.pixart_tune.flash_attention(qkv, scale)[0]
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """The same contract as _fa4 through torch's SDPA (which wants (B, H, N, D))."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    return out.transpose(1, 2)
+def sdpa_attention(qkv: Tensor, scale: float) -> Tensor:
+    """The same contract as _fa4 through torch's SDPA (which wants (B, H, N, D) each)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
 
 
-def padded_attention(q: Tensor, k: Tensor, v: Tensor, kernel=_fa4, multiple: int = HEAD_MULTIPLE) -> Tensor:
-    """Attention over (B, N, H, D) tensors with D zero-padded to a multiple of `multiple` for `kernel`.
+def padded_attention(qkv: Tensor, kernel=_fa4, multiple: int = HEAD_MULTIPLE) -> Tensor:
+    """Attention over qkv (B, N, 3, H, D) with D zero-padded to a multiple of `multiple` for `kernel`.
 
-    `kernel(q, k, v, scale)` takes padded (B, N, H, D') tensors and the scale for the true D.
+    `kernel(qkv, scale)` takes the padded (B, N, 3, H, D') tensor and the scale for the true D.
     """
-    d = q.shape[-1]
+    d = qkv.shape[-1]
     pad = -d % multiple
-    if pad:
-        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    out = kernel(q, k, v, d**-0.5)
+    out = kernel(F.pad(qkv, (0, pad)) if pad else qkv, d**-0.5)
     return out[..., :d] if pad else out
 
 
 class FA4SelfAttention:
-    """Attention processor for a block's self-attention (diffusers' Attention, no mask, no norms)."""
+    """Attention processor for a block's self-attention (diffusers' Attention, no mask, no norms).
+
+    q, k and v come from one joint projection (lora_fused.joint_projection: one GEMM over
+    [W_q; W_k; W_v], the LoRAs' terms included) and go to the kernel packed, as they came out. Where
+    a projection can't join (DoRA, FP8, peft's own LoRA forward), the three run apart and are stacked:
+    a copy of q, k and v that the joint path does not make.
+    """
 
     def __init__(self, kernel=_fa4, pad_multiple: int = HEAD_MULTIPLE):
         self.kernel = kernel  # tests pass an SDPA-based kernel to check the layout and padding on CPU
@@ -207,10 +215,13 @@ class FA4SelfAttention:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("FA4SelfAttention is for self-attention without a mask")
         b, n, _ = hidden_states.shape  # (B, N, C) tokens
-        heads = attn.heads
-        q, k, v = (proj(hidden_states).view(b, n, heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        out = padded_attention(q, k, v, self.kernel, self.pad_multiple)  # (B, N, H, D)
-        out = attn.to_out[0](out.reshape(b, n, -1).to(q.dtype))
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        qkv = joint_projection(hidden_states, projections)  # (B, N, 3C), or None
+        if qkv is None:
+            qkv = torch.stack([proj(hidden_states) for proj in projections], dim=2)  # (B, N, 3, C)
+        qkv = qkv.view(b, n, 3, attn.heads, -1)  # (B, N, 3, H, D)
+        out = padded_attention(qkv, self.kernel, self.pad_multiple)  # (B, N, H, D)
+        out = attn.to_out[0](out.reshape(b, n, -1).to(qkv.dtype))
         return attn.to_out[1](out)  # dropout (identity in PixArt)
 
 
@@ -257,13 +268,13 @@ def _remove_dq_fix() -> None:
 def dq_is_right(head_dim: int, kernel=_fa4) -> bool:
     """FA4's output and all three gradients at this head dim against fp32 attention, on a small input."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(2, 256, 2, head_dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = kernel(q, k, v, head_dim**-0.5)
-    got = (out, *torch.autograd.grad(out, (q, k, v), do))
-    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = sdpa_attention(qf, kf, vf, head_dim**-0.5)
-    want = (ref, *torch.autograd.grad(ref, (qf, kf, vf), do.float()))
+    qkv = torch.randn(2, 256, 3, 2, head_dim, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    do = torch.randn(2, 256, 2, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = kernel(qkv, head_dim**-0.5)
+    got = (out, *torch.autograd.grad(out, qkv, do)[0].unbind(2))
+    wide = qkv.detach().float().requires_grad_()
+    ref = sdpa_attention(wide, head_dim**-0.5)
+    want = (ref, *torch.autograd.grad(ref, wide, do.float())[0].unbind(2))  # out, dq, dk, dv
     return all(((a.float() - b).abs().max() / b.abs().max()).item() < 2e-2 for a, b in zip(got, want))
 
 

@@ -29,6 +29,7 @@ import functools
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -49,16 +50,17 @@ def _triton_kernel():
     return lowrank_triton
 
 
-def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
     """x @ w + h @ b (+ bias) for x (M, K), w (K, N), h (M, r), b (r, N), bias (N,): (M, N), one dtype.
 
     On Hopper, for short reductions, one Triton kernel does it all (lowrank_triton.py). Elsewhere the
     low-rank product (with the bias, through cuBLAS's bias epilogue) writes the fresh output and the
-    big GEMM reads it as C and adds in place.
+    big GEMM reads it as C and adds in place. `groups` > 1 says b is block diagonal in that many equal
+    blocks (a joint projection's LoRAs): the Triton kernel skips its zeros, cuBLAS multiplies them.
     """
     kernel = _triton_kernel() if x.is_cuda else None
-    if kernel is not None and kernel.wanted(x, w, h, b, bias):
-        return kernel.gemm_plus_lowrank(x, w, h, b, bias)
+    if kernel is not None and kernel.wanted(x, w, h, b, bias, groups):
+        return kernel.gemm_plus_lowrank(x, w, h, b, bias, groups)
     out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)
     return out.addmm_(x, w)
 
@@ -69,26 +71,28 @@ def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor 
 # cost about 20 us more per call than this (the step is partly host-bound on some machines). No autograd
 # kernel: it is only called inside _LoraLinear's forward and backward, which give the gradients.
 _LIB = torch.library.Library("pixart_tune", "FRAGMENT")  # FRAGMENT: other modules may add ops
-_LIB.define("gemm_plus_lowrank(Tensor x, Tensor w, Tensor h, Tensor b, Tensor? bias) -> Tensor")
+_LIB.define("gemm_plus_lowrank(Tensor x, Tensor w, Tensor h, Tensor b, Tensor? bias, int groups=1) -> Tensor")
 _LIB.impl("gemm_plus_lowrank", _gemm_plus_lowrank, "CompositeExplicitAutograd")
 gemm_plus_lowrank = torch.ops.pixart_tune.gemm_plus_lowrank.default
 
 
 @torch.library.register_fake("pixart_tune::gemm_plus_lowrank")
-def _(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+def _(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
     return x.new_empty(x.shape[0], w.shape[1])
 
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float):
-        # x (..., K); weight (N, K) frozen; bias (N,) frozen or None; lora_a (r, K); lora_b (N, r)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                groups: int):  # fmt: skip
+        # x (..., K); weight (N, K) frozen; bias (N,) frozen or None; lora_a (r, K); lora_b (N, r), block
+        # diagonal in `groups` blocks where joint_projection stacked several layers (else groups = 1)
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
             w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * scaling).to(dtype)
             h = x2 @ a.t()  # (M, r)
-            y = gemm_plus_lowrank(x2, w.t(), h, b.t(), None if bias is None else bias.to(dtype))  # (M, N)
+            y = gemm_plus_lowrank(x2, w.t(), h, b.t(), None if bias is None else bias.to(dtype), groups)  # (M, N)
         ctx.save_for_backward(x2, h, weight, lora_a, lora_b)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
@@ -112,12 +116,13 @@ class _LoraLinear(torch.autograd.Function):
         grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         if ctx.needs_input_grad[1]:
             raise RuntimeError("the fused LoRA linear keeps its base weight frozen")
-        return dx, None, grad_bias, grad_a, grad_b, None
+        return dx, None, grad_bias, grad_a, grad_b, None, None
 
 
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
-    """y = x W^T + bias + scaling * (x A^T) B^T, with the fused kernels above."""
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling)
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                groups: int = 1) -> Tensor:  # fmt: skip
+    """y = x W^T + bias + scaling * (x A^T) B^T, with the fused kernels above (`groups`: see joint_projection)."""
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, groups)
 
 
 def _vanilla_adapter(layer) -> str | None:
@@ -161,3 +166,54 @@ def fuse_lora_linears(model: nn.Module) -> int:
             module.__class__ = _FUSED_CLASSES[cls]
             changed += 1
     return changed
+
+
+def _joinable(layer) -> tuple[nn.Linear, str | None] | None:
+    """(the nn.Linear holding its weight, its LoRA adapter's name or None) where `layer` can join a
+    joint projection, else None."""
+    if type(layer) is nn.Linear:
+        return layer, None
+    name = _vanilla_adapter(layer) if type(layer) in _FUSED_CLASSES.values() else None
+    return None if name is None else (layer.base_layer, name)
+
+
+def joint_projection(x: Tensor, layers) -> Tensor | None:
+    """x through several linears of the same input at once: (..., N_1 + N_2 + ...), or None where one
+    of them can't join (then call them one by one).
+
+    Used for a block's q, k and v. One GEMM over the stacked weights [W_1; W_2; ...] reads x once
+    instead of once per layer, and its backward writes one dx (a ΣN_i-deep reduction) instead of one
+    per layer for autograd to add up. The LoRAs ride along: their A's stack into one (Σr_i, K) and
+    their scaled B's form a block diagonal (ΣN_i, Σr_i), so x A^T is also read once, and each output
+    slice stays exactly its layer's y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T (up to rounding). The
+    stacks are built every call from the layers' own parameters (small copies: 8 MB a block for
+    PixArt's q, k, v in bf16), so saving, merging and the optimizer see the usual separate layers.
+
+    Joins: plain nn.Linear layers (a full fine-tune, or a frozen model), or fused vanilla LoRA layers
+    (fuse_lora_linears) mixed with frozen nn.Linear ones; biases all present or all absent.
+    """
+    joined = [_joinable(layer) for layer in layers]
+    if any(j is None for j in joined):
+        return None
+    bases, names = zip(*joined)
+    lora = any(name is not None for name in names)
+    if len({base.bias is None for base in bases}) != 1 or (lora and any(b.weight.requires_grad for b in bases)):
+        return None  # (the fused LoRA backward gives no weight gradients)
+    weight = torch.cat([base.weight for base in bases])  # (ΣN_i, K)
+    bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])  # (ΣN_i,)
+    if not lora:
+        return F.linear(x, weight, bias)
+    a_parts, b_blocks = [], []
+    for layer, base, name in zip(layers, bases, names):
+        if name is None:  # a frozen layer without a LoRA: a zero-width block, zeros in its rows
+            b_blocks.append(base.weight.new_zeros(base.out_features, 0))
+        else:
+            a_parts.append(layer.lora_A[name].weight)  # (r_i, K)
+            b_blocks.append(layer.lora_B[name].weight * layer.scaling[name])  # (N_i, r_i)
+    dtype = a_parts[0].dtype
+    a = torch.cat([t.to(dtype) for t in a_parts])  # (Σr_i, K)
+    b = torch.block_diag(*(t.to(dtype) for t in b_blocks))  # (ΣN_i, Σr_i)
+    # Equal blocks (every layer with a LoRA of one rank, one width): lowrank_triton adds each output
+    # tile's own block only, at the cost of one layer's rank instead of all of theirs.
+    same = len({(block.shape, name is None) for block, name in zip(b_blocks, names)}) == 1
+    return lora_linear(x, weight, bias, a, b, 1.0, groups=len(layers) if same else 1)

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_forward, tiny_lora
 from torch import nn
 
-from pixart_tune.lora_fused import fuse_lora_linears, gemm_plus_lowrank, lora_linear
+from pixart_tune.lora_fused import fuse_lora_linears, gemm_plus_lowrank, joint_projection, lora_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,6 +161,87 @@ def test_compiled_graphs_sum_in_place_through_the_op():
     for graph in (*backend.fw_graphs, *backend.bw_graphs):
         code = graph.code
         assert code.count("pixart_tune.gemm_plus_lowrank") == 1 and "aten.addmm" not in code, code
+
+
+def _projections(model, block=1):
+    attn = model.base_model.model.transformer_blocks[block].attn1
+    return attn.to_q, attn.to_k, attn.to_v
+
+
+def _joint_against_one_by_one(layers, x):
+    """joint_projection and the layers one by one: outputs and the gradients of x and of every
+    trainable parameter, for the same upstream gradient."""
+    params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
+    joint = joint_projection(x, layers)
+    assert joint is not None
+    apart = torch.cat([layer(x) for layer in layers], dim=-1)
+    torch.testing.assert_close(joint, apart, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(apart)
+    for got, want in zip(torch.autograd.grad(joint, [x, *params], dy), torch.autograd.grad(apart, [x, *params], dy)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    return params
+
+
+def test_joint_projection_of_lora_layers_equals_them_one_by_one(pair):
+    _, fused, _ = pair
+    layers = _projections(fused)
+    x = torch.randn(2, 5, layers[0].in_features).requires_grad_()
+    params = _joint_against_one_by_one(layers, x)
+    assert len(params) == 6  # A and B of q, k and v, all checked
+
+
+def test_joint_projection_of_a_frozen_layer_among_loras(tiny_base):
+    """LoRA on q and v only: k joins as a frozen nn.Linear (a zero-width block of the diagonal)."""
+    model = tiny_lora(tiny_base, targets=["to_q", "to_v"])
+    fuse_lora_linears(model)
+    layers = _projections(model)
+    assert type(layers[1]) is nn.Linear and not layers[1].weight.requires_grad
+    x = torch.randn(2, 5, layers[0].in_features).requires_grad_()
+    assert len(_joint_against_one_by_one(layers, x)) == 4
+
+
+def test_joint_projection_of_plain_linears_gives_their_weight_gradients():
+    """A full fine-tune's q, k, v: one GEMM over the stacked weights, gradients back to each layer."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(24, 24), nn.Linear(24, 24), nn.Linear(24, 24)]
+    x = torch.randn(2, 5, 24).requires_grad_()
+    assert len(_joint_against_one_by_one(layers, x)) == 6  # weight and bias of each
+
+
+def test_joint_projection_declines_what_cannot_join(pair, tiny_base):
+    plain, fused, _ = pair
+    x = torch.randn(2, 5, _projections(fused)[0].in_features)
+    assert joint_projection(x, _projections(plain)) is None  # peft's own forward (train.fused_lora=false)
+    with fused.disable_adapter():
+        assert joint_projection(x, _projections(fused)) is None
+    mixed = [nn.Linear(24, 24), nn.Linear(24, 24, bias=False)]
+    assert joint_projection(torch.randn(3, 24), mixed) is None  # a bias on one layer only
+    model = tiny_lora(tiny_base, targets=["to_q", "to_v"])
+    fuse_lora_linears(model)
+    layers = _projections(model)
+    layers[1].weight.requires_grad_(True)  # a trainable plain layer beside LoRAs: the fused backward has no dW
+    assert joint_projection(x, layers) is None
+
+
+def test_the_fa4_processor_runs_the_lora_projections_jointly(pair, monkeypatch):
+    """With the fused linears, the processor's q, k, v come from joint_projection, one call per block,
+    and the model's outputs and gradients equal peft's (the processor given an SDPA kernel on CPU)."""
+    from pixart_tune import fa4
+
+    plain, fused, _ = pair
+    fast = copy.deepcopy(fused)
+    fa4.use_fa4(fast, kernel=fa4.sdpa_attention, pad_multiple=1)
+    joined = []
+    monkeypatch.setattr(fa4, "joint_projection", lambda x, layers: joined.append(
+        out := joint_projection(x, layers)) or out)  # fmt: skip
+    ref_out, ref_grads = _loss_and_grads(plain)
+    out, grads = _loss_and_grads(fast)
+    blocks = len(fast.base_model.model.transformer_blocks)
+    assert len(joined) == blocks and all(t is not None for t in joined)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 @pytest.mark.gpu
