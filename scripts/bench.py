@@ -328,8 +328,9 @@ def run_sections(args, work: Path) -> dict:
         if args.out:
             Path(args.out).write_text(json.dumps(out, indent=2, default=str))
 
-    def ours(name, b, d, r, extra):
-        section(name, run_ours, b, d, work / f"cache-{r}", work, name, [*common, f"data.resolution={r}", *extra], steps)
+    def ours(name, b, d, r, extra):  # --set comes last: it overrides the row's own settings
+        overrides = [*common, f"data.resolution={r}", *extra, *args.set]
+        section(name, run_ours, b, d, work / f"cache-{r}", work, name, overrides, steps)
 
     if "cache" in want:
         section("cache", measure_cache_throughput, str(base), dev, n_images=8 if smoke else 96, resolution=res,
@@ -566,7 +567,7 @@ def main(argv=None) -> int:
                         "with --profile: lora fp8 fa4 full_fa4; with --multi-gpu: lora full fsdp")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="with --multi-gpu: recipe overrides for every variant, e.g. train.attention=fa4")
+                   help="recipe overrides for every training row (and --multi-gpu variant), e.g. train.attention=fa4")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
