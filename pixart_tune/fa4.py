@@ -20,7 +20,8 @@ Three things shape this module:
   that torch.compile keeps whole, so a regionally compiled block is one graph, not two around a
   graph break (+4.5% and +5.4% samples/s for the LoRA recipe on two H100s; README, Performance).
   The operator calls flash-attn-4's private `_flash_attn_fwd` and `_flash_attn_bwd`: its public
-  function is an autograd.Function, which cannot sit inside an operator.
+  function is an autograd.Function, which cannot sit inside an operator. It takes q, k and v packed,
+  (B, N, 3, H, D), as the joint q/k/v projection makes them (lora_fused.joint_projection).
 - Off CUDA, the operator runs the same maths in fp32 or wider (`_reference_forward`), so its wiring
   (the saved tensors, the backward, the fake shapes torch.compile traces with) is tested on CPU.
 
