@@ -295,9 +295,9 @@ def test_fa4_kernel_matches_fp32_attention_on_gpu(d, multiple):
 @pytest.mark.skipif(not HOPPER_FA4, reason="needs flash-attn-4 and a Hopper/Blackwell GPU")
 @pytest.mark.parametrize("lora", [False, True])
 def test_compiled_block_with_fa4_matches_eager_on_gpu(tiny_base, lora):
-    """FA4's operator inside an Inductor-compiled block (one graph) against the same block eager. With
-    fused LoRA linears, 2 x 1024 tokens: enough rows for lowrank_triton to take the joint q/k/v
-    product on Hopper (rank 3 x 4 padded to 16)."""
+    """FA4's operator inside an Inductor-compiled block (one graph) against the same block eager, plain
+    and with fused LoRA linears (the joint q/k/v projection; at the tiny LoRA's rank 4 its products run
+    on cuBLAS: test_lowrank_triton checks the Triton kernel's block-diagonal form)."""
     from pixart_tune.lora_fused import fuse_lora_linears
 
     if lora:
