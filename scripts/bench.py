@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -252,44 +253,26 @@ def versions() -> dict:
             "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
 
-@contextlib.contextmanager
+# Each of these patches one thing for the rows run inside it and puts it back after (mock.patch).
 def fa4_heads_padded():
     """train.attention=fa4 as it runs where its dq check fails: heads padded, no dq fix used."""
     from pixart_tune import fa4
 
-    choose = fa4.choose_head_padding
-    fa4.choose_head_padding = lambda head_dim: (fa4.HEAD_MULTIPLE, "padded (benchmark)")
-    try:
-        yield
-    finally:
-        fa4.choose_head_padding = choose
+    return mock.patch.object(fa4, "choose_head_padding", lambda head_dim: (fa4.HEAD_MULTIPLE, "padded (benchmark)"))
 
 
-@contextlib.contextmanager
 def triton_lora_off():
-    """The fused LoRA linears on the cuBLAS pair only (what runs off Hopper or without Triton)."""
-    before = os.environ.get("PIXART_TUNE_TRITON_LORA")
-    os.environ["PIXART_TUNE_TRITON_LORA"] = "0"
-    try:
-        yield
-    finally:  # as it was: a user's own setting survives the bench
-        if before is None:
-            os.environ.pop("PIXART_TUNE_TRITON_LORA")
-        else:
-            os.environ["PIXART_TUNE_TRITON_LORA"] = before
+    """The fused LoRA linears on the cuBLAS pair only (what runs off Hopper or without Triton). A user's
+    own PIXART_TUNE_TRITON_LORA is restored afterwards."""
+    return mock.patch.dict(os.environ, {"PIXART_TUNE_TRITON_LORA": "0"})
 
 
-@contextlib.contextmanager
 def adamw_foreach():
     """AdamW as the trainer built it before it asked for the fused kernel: torch's foreach default."""
-    from pixart_tune import trainer
+    from pixart_tune import optim, trainer
 
-    make = trainer.make_optimizer
-    trainer.make_optimizer = lambda params, t, device=None: make(params, t)  # the params are still on the CPU
-    try:
-        yield
-    finally:
-        trainer.make_optimizer = make
+    # the params are still on the CPU when the trainer builds the optimizer
+    return mock.patch.object(trainer, "make_optimizer", lambda params, t, device=None: optim.make_optimizer(params, t))
 
 
 def run_sections(args, work: Path) -> dict:
