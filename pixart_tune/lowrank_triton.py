@@ -136,12 +136,12 @@ def wanted(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, grou
     if x.get_device() != torch.cuda.current_device():  # Triton launches (and _scratch allocates) on that one
         return False
     (m, k), n, r_all = x.shape, w.shape[1], h.shape[1]
-    r = r_all // groups
-    if r * groups != r_all or n % groups or (groups > 1 and (n // groups) % _tiles(n, groups)[1]):
+    r, (bm, bn) = r_all // groups, _tiles(n, groups)
+    if r * groups != r_all or n % groups or (groups > 1 and (n // groups) % bn):
         return False
     if k > MAX_REDUCTION or m < MIN_ROWS or r < 16 or r > 128 or r & (r - 1) or k % 8 or n % 8:
         return False
-    if not _stages(*_tiles(n, groups), r):
+    if not _stages(bm, bn, r):
         return False
     tensors = (x, w, h, b) if bias is None else (x, w, h, b, bias)
     if x.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != x.dtype for t in tensors):
