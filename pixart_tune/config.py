@@ -99,8 +99,9 @@ class TrainConfig(_Section):
     # Hopper/Blackwell), cuDNN for the rest; auto = fa4 where it is installed on a Hopper+ GPU, else
     # cudnn on CUDA, else SDPA's own choice (speed.resolve_attention)
     attention: Literal["auto", "cudnn", "flash", "efficient", "math", "fa4"] = "auto"
-    # LoRA only: the frozen base linears of the transformer blocks run their matmuls in FP8 (e4m3,
-    # one scale per row) on Hopper GPUs; faster, slightly different numerics (see README "Speed").
+    # LoRA only: the LoRA'd self-attention q/k/v and feed-forward layers run their frozen-weight
+    # matmuls in FP8 (e4m3, one scale per row; fp8.py), fastest on Hopper; slightly different numerics
+    # (README, Performance). Needs fused_lora.
     fp8: bool = False
     # LoRA: the adapter's up-projection and gradient sums ride in the base layer's matmuls
     # (lora_fused.py; the same maths as peft's forward). false = peft's own forward.
@@ -117,6 +118,8 @@ class TrainConfig(_Section):
     def _fp8_needs_frozen_weights(self):
         if self.fp8 and self.method != "lora":
             raise ValueError("fp8 is for LoRA runs (it quantises the frozen base weights); set train.fp8=false")
+        if self.fp8 and not self.fused_lora:
+            raise ValueError("train.fp8 runs inside the fused LoRA linears; set train.fused_lora=true (the default)")
         return self
     checkpoint_every: int | None = Field(None, ge=1)
     keep_checkpoints: int = Field(3, ge=1)

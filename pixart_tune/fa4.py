@@ -203,7 +203,7 @@ class FA4SelfAttention:
 
     q, k and v come from one joint projection (lora_fused.joint_projection: one GEMM over
     [W_q; W_k; W_v], the LoRAs' terms included) and go to the kernel packed, as they came out. Where
-    a projection can't join (DoRA, FP8, peft's own LoRA forward), the three run apart and are stacked:
+    a projection can't join (DoRA, peft's own LoRA forward), the three run apart and are stacked:
     a copy of q, k and v that the joint path does not make.
     """
 

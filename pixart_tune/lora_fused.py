@@ -81,34 +81,79 @@ def _(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, groups: i
     return x.new_empty(x.shape[0], w.shape[1])
 
 
+def _gemm_scaled_plus_lowrank(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Tensor, b: Tensor,
+                              bias: Tensor | None, groups: int = 1) -> Tensor:  # fmt: skip
+    """(x * x_scale) @ (w * w_scale)^T + h @ b (+ bias): the fp8 form of the op above (fp8.py).
+
+    x (M, K) and w (N, K) float8_e4m3fn with fp32 scales (M, 1), (N, 1); h (M, r), b (r, N), bias (N,)
+    and the result (M, N) in the compute dtype. On Hopper one Triton kernel (lowrank_triton.py), else
+    the low-rank product plus fp8.fp8_mm (`torch._scaled_mm`, or the dequantised fp32 fallback).
+    """
+    kernel = _triton_kernel() if x.is_cuda else None
+    if kernel is not None and kernel.wanted_scaled(x, x_scale, w, w_scale, h, b, bias, groups):
+        return kernel.gemm_scaled_plus_lowrank(x, x_scale, w, w_scale, h, b, bias, groups)
+    from .fp8 import fp8_mm
+
+    out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)
+    return out.add_(fp8_mm(x, x_scale, w, w_scale, out.dtype))
+
+
+_LIB.define("gemm_scaled_plus_lowrank(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor h, Tensor b, "
+            "Tensor? bias, int groups=1) -> Tensor")  # fmt: skip
+_LIB.impl("gemm_scaled_plus_lowrank", _gemm_scaled_plus_lowrank, "CompositeExplicitAutograd")
+gemm_scaled_plus_lowrank = torch.ops.pixart_tune.gemm_scaled_plus_lowrank.default
+
+
+@torch.library.register_fake("pixart_tune::gemm_scaled_plus_lowrank")
+def _(x, x_scale, w, w_scale, h: Tensor, b, bias, groups: int = 1) -> Tensor:
+    return h.new_empty(x.shape[0], w.shape[0])
+
+
+def _quantized(t: Tensor) -> tuple[Tensor, Tensor]:
+    from .fp8 import quantize_rowwise
+
+    return quantize_rowwise(t)
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
-                groups: int):  # fmt: skip
+                groups: int, w8: Tensor | None, w8_scale: Tensor | None, w8_t: Tensor | None,
+                w8_t_scale: Tensor | None):  # fmt: skip
         # x (..., K); weight (N, K) frozen; bias (N,) frozen or None; lora_a (r, K); lora_b (N, r), block
-        # diagonal in `groups` blocks where joint_projection stacked several layers (else groups = 1)
+        # diagonal in `groups` blocks where joint_projection stacked several layers (else groups = 1).
+        # w8 (N, K), w8_t (K, N): fp8 copies of the weight for the forward / the input gradient, with
+        # their scales (N, 1) / (K, 1); None where that GEMM runs in the compute dtype (fp8.py).
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
-            w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * scaling).to(dtype)
+            a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
             h = x2 @ a.t()  # (M, r)
-            y = gemm_plus_lowrank(x2, w.t(), h, b.t(), None if bias is None else bias.to(dtype), groups)  # (M, N)
-        ctx.save_for_backward(x2, h, weight, lora_a, lora_b)
+            bias = None if bias is None else bias.to(dtype)
+            if w8 is None:
+                y = gemm_plus_lowrank(x2, weight.to(dtype).t(), h, b.t(), bias, groups)  # (M, N)
+            else:  # x quantised per token here: under torch.compile this fuses into x's producer
+                y = gemm_scaled_plus_lowrank(*_quantized(x2), w8, w8_scale, h, b.t(), bias, groups)
+        ctx.save_for_backward(x2, h, weight, lora_a, lora_b, w8_t, w8_t_scale)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
         return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x2, h, weight, lora_a, lora_b = ctx.saved_tensors
+        x2, h, weight, lora_a, lora_b, w8_t, w8_t_scale = ctx.saved_tensors
         dtype, s = ctx.dtype, ctx.scaling
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (M, N)
-            w, a, b = weight.to(dtype), lora_a.to(dtype), (lora_b * s).to(dtype)
+            a, b = lora_a.to(dtype), (lora_b * s).to(dtype)
             dh = dy2 @ b  # (M, r)
             dx = grad_a = grad_b = None
             if ctx.needs_input_grad[0]:
-                dx = gemm_plus_lowrank(dy2, w, dh, a, None).reshape(ctx.x_shape).to(ctx.x_dtype)  # (M, K)
+                if w8_t is None:
+                    dx = gemm_plus_lowrank(dy2, weight.to(dtype), dh, a, None)  # (M, K)
+                else:  # dy quantised per token: fuses into dy's producer under torch.compile
+                    dx = gemm_scaled_plus_lowrank(*_quantized(dy2), w8_t, w8_t_scale, dh, a, None)
+                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[3]:
                 grad_a = (dh.t() @ x2).to(lora_a.dtype)  # (r, K)
             if ctx.needs_input_grad[4]:
@@ -116,13 +161,14 @@ class _LoraLinear(torch.autograd.Function):
         grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         if ctx.needs_input_grad[1]:
             raise RuntimeError("the fused LoRA linear keeps its base weight frozen")
-        return dx, None, grad_bias, grad_a, grad_b, None, None
+        return dx, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
-                groups: int = 1) -> Tensor:  # fmt: skip
-    """y = x W^T + bias + scaling * (x A^T) B^T, with the fused kernels above (`groups`: see joint_projection)."""
-    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, groups)
+                groups: int = 1, fp8=None) -> Tensor:  # fmt: skip
+    """y = x W^T + bias + scaling * (x A^T) B^T, with the fused kernels above (`groups`: see joint_projection).
+    fp8: (w8, w8_scale, w8_t, w8_t_scale), fp8 copies of the weight per direction (fp8.FP8Weights)."""
+    return _LoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, groups, *(fp8 or (None,) * 4))
 
 
 def _vanilla_adapter(layer) -> str | None:
@@ -144,7 +190,16 @@ def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     if name is None:
         return self._peft_forward(x, *args, **kwargs)
     base = self.base_layer
-    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                       fp8=_fp8_copies(self))  # fmt: skip
+
+
+def _fp8_copies(layer) -> tuple | None:
+    """The fp8 copies fp8.apply_fp8 attached to `layer` as lora_linear's `fp8` argument, or None."""
+    held = layer._modules.get("fp8")
+    if held is None:
+        return None
+    return held.forward_weight, held.forward_scale, held.backward_weight, held.backward_scale
 
 
 _FUSED_CLASSES: dict[type, type] = {}
@@ -216,4 +271,10 @@ def joint_projection(x: Tensor, layers) -> Tensor | None:
     # Equal blocks (every layer with a LoRA of one rank, one width): lowrank_triton adds each output
     # tile's own block only, at the cost of one layer's rank instead of all of theirs.
     same = len({(block.shape, name is None) for block, name in zip(b_blocks, names)}) == 1
-    return lora_linear(x, weight, bias, a, b, 1.0, groups=len(layers) if same else 1)
+    # fp8 forward copies on every layer (fp8.FP8_LAYERS: q, k, v): per-row scales stack like the rows.
+    # The input gradient stays in the compute dtype (its dy comes from the attention kernel).
+    copies = [None if name is None else _fp8_copies(layer) for layer, name in zip(layers, names)]
+    fp8 = None
+    if all(c is not None and c[0] is not None for c in copies):
+        fp8 = (torch.cat([c[0] for c in copies]), torch.cat([c[1] for c in copies]), None, None)
+    return lora_linear(x, weight, bias, a, b, 1.0, groups=len(layers) if same else 1, fp8=fp8)

@@ -19,6 +19,10 @@ so `wanted()` sends short reductions (K <= 2048) here and leaves long ones to cu
 not timed at run time, so the same run picks the same kernels (and rounding) every time. Hopper only
 (sm90: TMA descriptors; measured there); anything else, and any layout the kernel does not take, stays
 on the cuBLAS pair. PIXART_TUNE_TRITON_LORA=0 turns it off.
+
+The same kernel takes float8 x and W with per-row scales (`gemm_scaled_plus_lowrank`, train.fp8;
+fp8.py): 0.26 ms for the joint q/k/v projection (1152 -> 3456, three rank-16 blocks) against 0.40 in
+bf16, 0.35 against 0.53 at 1152 -> 4608, 0.28 against 0.49 at 4608 -> 1152 (so no K limit there).
 """
 
 from __future__ import annotations
@@ -33,19 +37,23 @@ from torch import Tensor
 
 MAX_REDUCTION = 2048  # K above this: cuBLAS (see the table above)
 MIN_ROWS = 2048  # fewer rows than this: too few tiles to fill the GPU, cuBLAS picks better
-BK = 64  # the mainloop's reduction tile
+BK = 64  # the mainloop's reduction tile (16-bit operands)
+BK_FP8 = 128  # the same for float8 operands: the same bytes per stage
 _SHARED_MEMORY = 232448  # bytes a block may use on Hopper (227 KiB, the opt-in maximum of sm90)
 
 
 @triton.jit
-def _gemm_plus_lowrank_kernel(x_ptr, w_ptr, h_ptr, b_ptr, y_ptr, bias_ptr, M, N, K, x_rows, w_rows, h_rows, b_rows,
-                              R_ALL, group_cols, R: tl.constexpr, W_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr,
-                              HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                              GROUP_M: tl.constexpr, STAGES: tl.constexpr, NUM_SMS: tl.constexpr):  # fmt: skip
+def _gemm_plus_lowrank_kernel(x_ptr, w_ptr, h_ptr, b_ptr, y_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, M, N, K, x_rows,
+                              w_rows, h_rows, b_rows, R_ALL, group_cols, R: tl.constexpr, W_TRANSPOSED: tl.constexpr,
+                              B_TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                              STAGES: tl.constexpr, NUM_SMS: tl.constexpr):  # fmt: skip
     # TMA descriptors built on the device (cheaper to launch than host-built ones). w is (K, N) logically;
     # W_TRANSPOSED: stored as (N, K) row-major (the forward's W.t()); likewise b (r, N) / stored (N, r).
     # *_rows: the row strides of the stored operands. b may be block diagonal (see `gemm_plus_lowrank`):
     # output columns [g * group_cols, (g + 1) * group_cols) take ranks [g * R, (g + 1) * R) of the R_ALL.
+    # SCALED: x and w are float8 with one fp32 scale per row of x (M,) and per output column (N,): the
+    # fp32 sum x @ w is rescaled before the (16-bit) low-rank term joins it. fp8 wgmma reads w K-major.
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[x_rows, 1], block_shape=[BM, BK])
     if W_TRANSPOSED:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[w_rows, 1], block_shape=[BN, BK])
@@ -76,6 +84,12 @@ def _gemm_plus_lowrank_kernel(x_ptr, w_ptr, h_ptr, b_ptr, y_ptr, bias_ptr, M, N,
             else:
                 w = w_desc.load([ki * BK, off_n])  # (BK, BN)
             acc = tl.dot(a, w, acc)
+        if SCALED:
+            rows = off_m + tl.arange(0, BM)
+            cols = off_n + tl.arange(0, BN)
+            x_scale = tl.load(x_scale_ptr + rows, mask=rows < M, other=0.0)  # (BM,) fp32
+            w_scale = tl.load(w_scale_ptr + cols, mask=cols < N, other=0.0)  # (BN,) fp32
+            acc = acc * x_scale[:, None] * w_scale[None, :]
         r0 = (off_n // group_cols) * R  # this tile's block of ranks (a tile never straddles two)
         h = h_desc.load([off_m, r0])  # (BM, R)
         if B_TRANSPOSED:
@@ -119,52 +133,97 @@ def _tiles(n: int, groups: int) -> tuple[int, int]:
 
 def _stages(bm: int, bn: int, r: int) -> int:
     """Mainloop pipeline depth that fits the shared memory (3 where it fits, else 2, else 0: no fit).
-    Per stage an x and a w tile; once, the h and b tiles and the output tile the TMA store reads."""
+    Per stage an x and a w tile; once, the h and b tiles and the output tile the TMA store reads. fp8
+    operands run BK_FP8 = 2 BK deep: the same bytes per stage, so the same count."""
     for stages in (3, 2):
         if 2 * (stages * (bm + bn) * BK + (bm + bn) * r + bm * bn) + 256 <= _SHARED_MEMORY:
             return stages
     return 0
 
 
-def wanted(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, groups: int = 1) -> bool:
-    """Whether this kernel takes the call: Hopper, one 16-bit dtype, short reduction, enough rows, rank
-    (per block, for a block-diagonal b) a power of two from 16 (tl.dot's smallest K) whose tiles fit
-    the shared memory, layouts/alignments TMA can load, tensors on the current device. Cheap: it runs
-    on every call."""
+def _fits(x: Tensor, n: int, h: Tensor, groups: int) -> bool:
+    """The checks both forms share: Hopper, the current device, enough rows, a rank (per block) that is
+    a power of two from 16 (tl.dot's smallest K), blocks that tiles do not straddle, tiles that fit, h
+    (M, r) row-major."""
     if not x.is_cuda or os.environ.get("PIXART_TUNE_TRITON_LORA") == "0" or not _hopper_sms(x.get_device()):
         return False
     if x.get_device() != torch.cuda.current_device():  # Triton launches (and _scratch allocates) on that one
         return False
-    (m, k), n, r_all = x.shape, w.shape[1], h.shape[1]
+    m, r_all = x.shape[0], h.shape[1]
     r, (bm, bn) = r_all // groups, _tiles(n, groups)
     if r * groups != r_all or n % groups or (groups > 1 and (n // groups) % bn):
         return False
-    if k > MAX_REDUCTION or m < MIN_ROWS or r < 16 or r > 128 or r & (r - 1) or k % 8 or n % 8:
+    if m < MIN_ROWS or r < 16 or r > 128 or r & (r - 1) or n % 8 or not _stages(bm, bn, r):
         return False
-    if not _stages(bm, bn, r):
-        return False
-    tensors = (x, w, h, b) if bias is None else (x, w, h, b, bias)
-    if x.dtype not in (torch.bfloat16, torch.float16) or any(t.dtype != x.dtype for t in tensors):
-        return False
-    if _layout(x) is not False or _layout(h) is not False or _layout(w) is None or _layout(b) is None:
+    return _layout(h) is False and h.data_ptr() % 16 == 0
+
+
+def _low_rank_ok(h: Tensor, b: Tensor, bias: Tensor | None, dtype: torch.dtype) -> bool:
+    """h, b (and bias) in `dtype`, in layouts and alignments TMA loads."""
+    tensors = (h, b) if bias is None else (h, b, bias)
+    if any(t.dtype != dtype for t in tensors) or _layout(b) is None:
         return False
     return all(t.data_ptr() % 16 == 0 for t in tensors) and (bias is None or bias.is_contiguous())
+
+
+def wanted(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, groups: int = 1) -> bool:
+    """Whether this kernel takes `gemm_plus_lowrank(x, w, ...)`: the shared checks (_fits), one 16-bit
+    dtype, a short reduction, layouts/alignments TMA can load. Cheap: it runs on every call."""
+    k, n = x.shape[1], w.shape[1]
+    if k > MAX_REDUCTION or k % 8 or not _fits(x, n, h, groups):
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype or not _low_rank_ok(h, b, bias, x.dtype):
+        return False
+    return _layout(x) is False and _layout(w) is not None and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+
+
+def wanted_scaled(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Tensor, b: Tensor, bias: Tensor | None,
+                  groups: int = 1) -> bool:  # fmt: skip
+    """Whether this kernel takes `gemm_scaled_plus_lowrank(...)`: the shared checks (_fits), float8_e4m3fn
+    x (M, K) and w (N, K) both row-major (fp8 wgmma reads both K-major), contiguous fp32 scales, a 16-bit
+    low-rank term. Any K: at K = 4608 this fp8 mainloop still beats cuBLAS's (README, Performance)."""
+    (m, k), n = x.shape, w.shape[0]
+    if k % 16 or not _fits(x, n, h, groups) or h.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if x.dtype != torch.float8_e4m3fn or w.dtype != x.dtype or not _low_rank_ok(h, b, bias, h.dtype):
+        return False
+    scales_ok = all(s.dtype == torch.float32 and s.is_contiguous() and s.numel() == len_
+                    for s, len_ in ((x_scale, m), (w_scale, n)))  # fmt: skip
+    return scales_ok and _layout(x) is False and _layout(w) is False and x.data_ptr() % 16 == w.data_ptr() % 16 == 0
+
+
+def _launch(x, w, w_transposed: bool, h, b, bias, groups: int, x_scale=None, w_scale=None) -> Tensor:
+    """Run the kernel: x (M, K) row-major; w stored row-major, (N, K) if w_transposed else (K, N)."""
+    m, k = x.shape
+    n, r_all = (w.shape[0] if w_transposed else w.shape[1]), h.shape[1]
+    bm, bn = _tiles(n, groups)
+    b_t = _layout(b)
+    b_stored = b.t() if b_t else b  # row-major, as in memory
+    y = torch.empty(m, n, device=x.device, dtype=h.dtype)
+    sms = _hopper_sms(x.get_device())
+    triton.set_allocator(_scratch)  # per call: the backward runs on autograd's own thread
+    grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
+    scaled = x_scale is not None
+    _gemm_plus_lowrank_kernel[grid](x, w, h, b_stored, y, y if bias is None else bias, x_scale if scaled else y,
+                                    w_scale if scaled else y, m, n, k, x.stride(0), w.stride(0), h.stride(0),
+                                    b_stored.stride(0), r_all, n // groups, r_all // groups, w_transposed, b_t,
+                                    bias is not None, scaled, bm, bn, BK_FP8 if scaled else BK, 4,
+                                    _stages(bm, bn, r_all // groups), sms, num_warps=8)  # fmt: skip
+    return y
 
 
 def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
     """x (M, K) @ w (K, N) + h (M, r) @ b (r, N) (+ bias (N,)) -> (M, N) in x's dtype. With groups > 1, b
     is block diagonal: output columns [g N/groups, (g+1) N/groups) take only ranks [g r/groups, ...),
     the rest of b being zeros that the kernel skips. Call only where `wanted()` says yes."""
-    (m, k), n, r_all = x.shape, w.shape[1], h.shape[1]
-    bm, bn = _tiles(n, groups)
-    w_t, b_t = _layout(w), _layout(b)
-    w_stored, b_stored = (w.t() if w_t else w), (b.t() if b_t else b)  # row-major, as in memory
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    sms = _hopper_sms(x.get_device())
-    triton.set_allocator(_scratch)  # per call: the backward runs on autograd's own thread
-    grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
-    _gemm_plus_lowrank_kernel[grid](x, w_stored, h, b_stored, y, y if bias is None else bias, m, n, k, x.stride(0),
-                                    w_stored.stride(0), h.stride(0), b_stored.stride(0), r_all, n // groups,
-                                    r_all // groups, w_t, b_t, bias is not None, bm, bn, BK, 4,
-                                    _stages(bm, bn, r_all // groups), sms, num_warps=8)  # fmt: skip
-    return y
+    w_t = _layout(w)
+    return _launch(x, w.t() if w_t else w, w_t, h, b, bias, groups)
+
+
+def gemm_scaled_plus_lowrank(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Tensor, b: Tensor,
+                             bias: Tensor | None, groups: int = 1) -> Tensor:  # fmt: skip
+    """(x * x_scale) @ (w * w_scale)^T + h @ b (+ bias) -> (M, N) in h's dtype, for float8 x (M, K) and
+    w (N, K) with fp32 scales per row (M, 1) and (N, 1); h, b, groups as in gemm_plus_lowrank. The fp8
+    product accumulates in fp32 and is rescaled before the low-rank term joins it. Call only where
+    `wanted_scaled()` says yes."""
+    return _launch(x, w, True, h, b, bias, groups, x_scale, w_scale)

@@ -97,11 +97,13 @@ def prepare_model(cfg: Config, base: str):
         from .lora import add_lora
 
         model = add_lora(transformer, cfg.lora, base_model=base)  # the tiny kit records its folder
-        if t.fp8:  # frozen base linears of the blocks -> FP8 matmuls (the adapters stay as they are)
-            from .fp8 import apply_fp8
+        if t.fp8:  # fp8 copies of the busiest frozen base weights, which the fused LoRA linears use
+            from .fp8 import FP8_LAYERS, apply_fp8
 
-            apply_fp8(model)
-        if t.fused_lora:  # after fp8: layers whose base became FP8Linear keep peft's forward
+            if not apply_fp8(model):
+                raise ValueError(f"train.fp8: no LoRA on the layers it speeds up ({', '.join(FP8_LAYERS)} of each "
+                                 "block); add attention or ff to lora.targets, or set train.fp8=false")  # fmt: skip
+        if t.fused_lora:
             from .lora_fused import fuse_lora_linears
 
             fuse_lora_linears(model)

@@ -4,6 +4,7 @@
     python scripts/probe_kernels.py fa4-tiles [--out F]    # flash-attn-4's SM90 tile configs at d = 72
     python scripts/probe_kernels.py lowrank-triton [--out F]  # x @ w + h @ b: cuBLAS pair vs one Triton kernel
     python scripts/probe_kernels.py cross-attention [--out F]  # masked text cross-attention: SDPA vs FA4
+    python scripts/probe_kernels.py fp8-gemms [--out F]    # train.fp8's GEMMs and quantisation costs
 
 lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
 GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
@@ -221,8 +222,55 @@ def cross_attention(batch: int = 8, queries: int = 4096, keys: int = 120, heads:
     return [row]
 
 
+def fp8_gemms(m: int = 32768, r: int = 16) -> list[dict]:
+    """train.fp8's pieces at PixArt's shapes: a LoRA linear's GEMM as the bf16 path routes it against the
+    fp8 op (one Triton kernel; torch._scaled_mm alone for scale), and what quantising its input costs
+    where Inductor fuses it into the producer (norm + modulation, GELU) or runs it on its own."""
+    from pixart_tune.fp8 import quantize_rowwise
+
+    rows = [_fp8_row(m, k, n, r, groups) for k, n, groups in ((1152, 3456, 3), (1152, 1152, 1), (1152, 4608, 1),
+                                                               (4608, 1152, 1))]  # fmt: skip
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+    def norm_modulate(t, shift, scale):  # a block's norm1 / norm2 with adaLN-single's modulation
+        return (F.layer_norm(t.float(), (t.shape[-1],), eps=1e-6) * (1 + scale) + shift).to(torch.bfloat16)
+
+    t, shift, scale = rand(8, m // 8, 1152), rand(8, 1, 1152).float(), rand(8, 1, 1152).float() * 0.1
+    hidden = rand(m, 4608)
+    producers = {
+        "norm_modulate": lambda: norm_modulate(t, shift, scale),
+        "norm_modulate+fp8": lambda: (lambda y: (y, *quantize_rowwise(y)))(norm_modulate(t, shift, scale)),
+        "gelu_4608": lambda: F.gelu(hidden, approximate="tanh"),
+        "gelu_4608+fp8": lambda: (lambda g: (g, *quantize_rowwise(g)))(F.gelu(hidden, approximate="tanh")),
+    }
+    row = {name: timed(torch.compile(fn)) for name, fn in producers.items()}
+    print(json.dumps(row), flush=True)
+    return [*rows, {"producers_ms": row}]
+
+
+def _fp8_row(m: int, k: int, n: int, r: int, groups: int) -> dict:
+    from pixart_tune.fp8 import quantize_rowwise
+    from pixart_tune.lora_fused import gemm_plus_lowrank, gemm_scaled_plus_lowrank
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    h = torch.randn(m, r * groups, device="cuda", dtype=torch.bfloat16)
+    b = torch.block_diag(*[torch.randn(n // groups, r, device="cuda", dtype=torch.bfloat16)
+                           for _ in range(groups)]).t()  # (r * groups, N)  # fmt: skip
+    (xq, sx), (wq, sw) = quantize_rowwise(x), quantize_rowwise(w)
+    row = {"k": k, "n": n, "groups": groups,
+           "bf16_op_ms": timed(lambda: gemm_plus_lowrank(x, w.t(), h, b, None, groups)),
+           "fp8_op_ms": timed(lambda: gemm_scaled_plus_lowrank(xq, sx, wq, sw, h, b, None, groups)),
+           "scaled_mm_alone_ms": timed(lambda: torch._scaled_mm(xq, wq.t(), sx, sw.t(), out_dtype=torch.bfloat16)),
+           "quantize_alone_ms": timed(torch.compile(lambda: quantize_rowwise(x)))}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
 PROBES = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton,
-          "cross-attention": cross_attention}  # fmt: skip
+          "cross-attention": cross_attention, "fp8-gemms": fp8_gemms}  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -142,3 +142,92 @@ def test_lora_linear_forward_and_backward_match_the_cublas_pair(monkeypatch):
     pair = run()
     for got, want in zip(fused, pair):
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# The fp8 form (gemm_scaled_plus_lowrank; train.fp8)
+
+
+def _fp8_operands(m, k, n, r, groups=1, seed=0):
+    """float8 x (M, K) and W (N, K) with their row scales, a 16-bit h (M, r) and b (r, N) (block diagonal
+    in `groups` blocks, as the forward's view of s*B (N, r)), a bias."""
+    from pixart_tune.fp8 import quantize_rowwise
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    (xq, sx), (wq, sw) = quantize_rowwise(rand(m, k)), quantize_rowwise(rand(n, k) / k**0.5)
+    b = torch.block_diag(*[rand(n // groups, r // groups) for _ in range(groups)]).t()  # (r, N) view
+    return xq, sx, wq, sw, rand(m, r), b, rand(n)
+
+
+def _fp8_want(xq, sx, wq, sw, h, b, bias):
+    return (xq.float() * sx) @ (wq.float() * sw).t() + h.float() @ b.float() + bias.float()
+
+
+@pytest.mark.parametrize("k,n,groups", [(1152, 3456, 3), (1152, 4608, 1), (4608, 1152, 1), (1152, 1152, 1)])
+def test_fp8_kernel_matches_fp32_of_the_same_fp8_values(k, n, groups):
+    """PixArt's fp8 layers (train.fp8): the joint q/k/v forward, the FF up and down projections (the
+    backward's dy @ W^T has the same shapes), at rows that are not a multiple of any tile."""
+    from pixart_tune import lowrank_triton
+
+    ops = _fp8_operands(4096 + 37, k, n, 16 * groups, groups)
+    assert lowrank_triton.wanted_scaled(*ops, groups=groups)
+    got = lowrank_triton.gemm_scaled_plus_lowrank(*ops, groups=groups)
+    want = _fp8_want(*ops)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    # Same fp8 operands: only the fp32 accumulation order and the one bf16 rounding differ (measured
+    # 0.003-0.005 at M = 32768).
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 1e-2
+
+
+def test_the_fp8_op_routes_here_only_where_wanted(monkeypatch):
+    """What the kernel declines goes to torch._scaled_mm plus the low-rank product, with the same result."""
+    from pixart_tune import lowrank_triton
+    from pixart_tune.lora_fused import gemm_scaled_plus_lowrank as op
+
+    xq, sx, wq, sw, h, b, bias = ops = _fp8_operands(4096, 1152, 1152, 16)
+    want = _fp8_want(*ops)
+    calls = []
+    real = lowrank_triton.gemm_scaled_plus_lowrank
+    monkeypatch.setattr(lowrank_triton, "gemm_scaled_plus_lowrank", lambda *a: calls.append(1) or real(*a))
+
+    def rel_err(got):
+        return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+    assert rel_err(op(*ops)) < 1e-2 and calls == [1]
+    assert not lowrank_triton.wanted_scaled(xq, sx, wq.t().contiguous().t(), sw, h, b, bias)  # W not K-major
+    assert not lowrank_triton.wanted_scaled(xq, sx.repeat(1, 2)[:, :1], wq, sw, h, b, bias)  # strided scales
+    assert not lowrank_triton.wanted_scaled(xq.float(), sx, wq.float(), sw, h, b, bias)  # not fp8
+    assert not lowrank_triton.wanted_scaled(xq, sx, wq, sw, h.float(), b.float(), bias.float())  # 16-bit adapter only
+    monkeypatch.setenv("PIXART_TUNE_TRITON_LORA", "0")
+    assert not lowrank_triton.wanted_scaled(*ops)
+    assert rel_err(op(*ops)) < 1e-2 and calls == [1]  # torch._scaled_mm + the low-rank product
+
+
+def test_fp8_lora_linear_on_the_gpu_matches_the_bf16_one():
+    """A LoRA FF up-projection with both directions in fp8, against the same layer in bf16 (kernels)."""
+    from pixart_tune.fp8 import FP8Weights
+    from pixart_tune.lora_fused import lora_linear
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 2048, 1152, device="cuda", generator=g)
+    weight = torch.randn(4608, 1152, device="cuda", dtype=torch.bfloat16, generator=g) / 34
+    bias = torch.randn(4608, device="cuda", dtype=torch.bfloat16, generator=g)
+    a = (torch.randn(16, 1152, device="cuda", generator=g) / 34).requires_grad_()
+    b = (torch.randn(4608, 16, device="cuda", generator=g) / 4).requires_grad_()
+    dy = torch.randn(2, 2048, 4608, device="cuda", generator=g)
+    held = FP8Weights(weight, True, True)
+    copies = (held.forward_weight, held.forward_scale, held.backward_weight, held.backward_scale)
+
+    def run(fp8):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = lora_linear(xi, weight, bias, a, b, 2.0, fp8=fp8)
+        return (y, *torch.autograd.grad(y, (xi, a, b), dy))
+
+    for got, want in zip(run(copies), run(None)):
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert err < 0.05  # fp8's rounding of x, dy and W (y, dx); dA and dB read dy, x A^T only
