@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fp8 import fp8_mm, quantize_rowwise
+
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the matmuls run in: autocast's where autocast is on, else x's."""
@@ -92,8 +94,6 @@ def _gemm_scaled_plus_lowrank(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Te
     kernel = _triton_kernel() if x.is_cuda else None
     if kernel is not None and kernel.wanted_scaled(x, x_scale, w, w_scale, h, b, bias, groups):
         return kernel.gemm_scaled_plus_lowrank(x, x_scale, w, w_scale, h, b, bias, groups)
-    from .fp8 import fp8_mm
-
     out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)
     return out.add_(fp8_mm(x, x_scale, w, w_scale, out.dtype))
 
@@ -107,12 +107,6 @@ gemm_scaled_plus_lowrank = torch.ops.pixart_tune.gemm_scaled_plus_lowrank.defaul
 @torch.library.register_fake("pixart_tune::gemm_scaled_plus_lowrank")
 def _(x, x_scale, w, w_scale, h: Tensor, b, bias, groups: int = 1) -> Tensor:
     return h.new_empty(x.shape[0], w.shape[0])
-
-
-def _quantized(t: Tensor) -> tuple[Tensor, Tensor]:
-    from .fp8 import quantize_rowwise
-
-    return quantize_rowwise(t)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -129,11 +123,11 @@ class _LoraLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
             a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
             h = x2 @ a.t()  # (M, r)
-            bias = None if bias is None else bias.to(dtype)
+            bias_c = None if bias is None else bias.to(dtype)
             if w8 is None:
-                y = gemm_plus_lowrank(x2, weight.to(dtype).t(), h, b.t(), bias, groups)  # (M, N)
+                y = gemm_plus_lowrank(x2, weight.to(dtype).t(), h, b.t(), bias_c, groups)  # (M, N)
             else:  # x quantised per token here: under torch.compile this fuses into x's producer
-                y = gemm_scaled_plus_lowrank(*_quantized(x2), w8, w8_scale, h, b.t(), bias, groups)
+                y = gemm_scaled_plus_lowrank(*quantize_rowwise(x2), w8, w8_scale, h, b.t(), bias_c, groups)
         ctx.save_for_backward(x2, h, weight, lora_a, lora_b, w8_t, w8_t_scale)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
@@ -152,7 +146,7 @@ class _LoraLinear(torch.autograd.Function):
                 if w8_t is None:
                     dx = gemm_plus_lowrank(dy2, weight.to(dtype), dh, a, None)  # (M, K)
                 else:  # dy quantised per token: fuses into dy's producer under torch.compile
-                    dx = gemm_scaled_plus_lowrank(*_quantized(dy2), w8_t, w8_t_scale, dh, a, None)
+                    dx = gemm_scaled_plus_lowrank(*quantize_rowwise(dy2), w8_t, w8_t_scale, dh, a, None)
                 dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[3]:
                 grad_a = (dh.t() @ x2).to(lora_a.dtype)  # (r, K)

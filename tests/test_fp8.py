@@ -110,6 +110,21 @@ def test_fp8_lora_linear_against_the_plain_one(forward, backward):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_a_trainable_bias_gets_its_gradient_under_autocast(fp8):
+    # The bias is cast to the compute dtype inside the op; the fp32 parameter must still get dy summed.
+    x, w, _, _, bias = _operands()
+    a, b = torch.randn(4, 96) * 0.1, torch.randn(80, 4) * 0.1
+    bias = bias.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, w, bias, a, b, 2.0, fp8=_copies(w, True, True) if fp8 else None)
+    assert y.dtype == torch.bfloat16
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    assert bias.grad is not None and bias.grad.dtype == torch.float32
+    torch.testing.assert_close(bias.grad, grad.float().sum(0), rtol=1e-5, atol=1e-5)
+
+
 def test_fp8_lora_linear_traces_under_torch_compile_without_graph_breaks():
     x, w, _, _, bias = _operands()
     a, b = torch.randn(4, 96) * 0.1, torch.randn(80, 4) * 0.1

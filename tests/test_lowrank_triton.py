@@ -119,27 +119,33 @@ def test_tensors_on_another_gpu_stay_on_cublas_and_are_right():
         assert rel_err(lowrank_triton.gemm_plus_lowrank(x, w, h, b, bias)) < 1e-2
 
 
-def test_lora_linear_forward_and_backward_match_the_cublas_pair(monkeypatch):
+def _lora_case(n: int, device: str = "cuda"):
+    """A LoRA linear 1152 -> n at 4096 tokens: x, W, bias, A and B (trainable), an incoming gradient."""
+    g = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(2, 2048, 1152, device=device, generator=g)
+    weight = torch.randn(n, 1152, device=device, dtype=torch.bfloat16, generator=g) / 34
+    bias = torch.randn(n, device=device, dtype=torch.bfloat16, generator=g)
+    a = (torch.randn(16, 1152, device=device, generator=g) / 34).requires_grad_()
+    b = (torch.randn(n, 16, device=device, generator=g) / 4).requires_grad_()
+    return x, weight, bias, a, b, torch.randn(2, 2048, n, device=device, generator=g)
+
+
+def _lora_linear_run(case, fp8=None):
+    """lora_linear under bf16 autocast: y and the gradients of x, A and B."""
     from pixart_tune.lora_fused import lora_linear
 
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(2, 2048, 1152, device="cuda", generator=g)
-    weight = torch.randn(1152, 1152, device="cuda", dtype=torch.bfloat16, generator=g) / 34
-    bias = torch.randn(1152, device="cuda", dtype=torch.bfloat16, generator=g)
-    a = (torch.randn(16, 1152, device="cuda", generator=g) / 34).requires_grad_()
-    b = (torch.randn(1152, 16, device="cuda", generator=g) / 4).requires_grad_()
-    dy = torch.randn(2, 2048, 1152, device="cuda", generator=g)
+    x, weight, bias, a, b, dy = case
+    xi = x.clone().requires_grad_()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        y = lora_linear(xi, weight, bias, a, b, 2.0, fp8=fp8)
+    return (y, *torch.autograd.grad(y, (xi, a, b), dy))
 
-    def run():
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = lora_linear(xi, weight, bias, a, b, 2.0)
-        grads = torch.autograd.grad(y, (xi, a, b), dy)
-        return (y, *grads)
 
-    fused = run()
+def test_lora_linear_forward_and_backward_match_the_cublas_pair(monkeypatch):
+    case = _lora_case(1152)
+    fused = _lora_linear_run(case)
     monkeypatch.setenv("PIXART_TUNE_TRITON_LORA", "0")
-    pair = run()
+    pair = _lora_linear_run(case)
     for got, want in zip(fused, pair):
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
 
@@ -210,24 +216,10 @@ def test_the_fp8_op_routes_here_only_where_wanted(monkeypatch):
 def test_fp8_lora_linear_on_the_gpu_matches_the_bf16_one():
     """A LoRA FF up-projection with both directions in fp8, against the same layer in bf16 (kernels)."""
     from pixart_tune.fp8 import FP8Weights
-    from pixart_tune.lora_fused import lora_linear
 
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(2, 2048, 1152, device="cuda", generator=g)
-    weight = torch.randn(4608, 1152, device="cuda", dtype=torch.bfloat16, generator=g) / 34
-    bias = torch.randn(4608, device="cuda", dtype=torch.bfloat16, generator=g)
-    a = (torch.randn(16, 1152, device="cuda", generator=g) / 34).requires_grad_()
-    b = (torch.randn(4608, 16, device="cuda", generator=g) / 4).requires_grad_()
-    dy = torch.randn(2, 2048, 4608, device="cuda", generator=g)
-    held = FP8Weights(weight, True, True)
+    case = _lora_case(4608)
+    held = FP8Weights(case[1], True, True)
     copies = (held.forward_weight, held.forward_scale, held.backward_weight, held.backward_scale)
-
-    def run(fp8):
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = lora_linear(xi, weight, bias, a, b, 2.0, fp8=fp8)
-        return (y, *torch.autograd.grad(y, (xi, a, b), dy))
-
-    for got, want in zip(run(copies), run(None)):
+    for got, want in zip(_lora_linear_run(case, copies), _lora_linear_run(case)):
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err < 0.05  # fp8's rounding of x, dy and W (y, dx); dA and dB read dy, x A^T only
