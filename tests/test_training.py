@@ -157,11 +157,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, cache_di
     assert not (run / "final").exists()
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cache_dir):
-    """accelerate launch, 2 CPU processes (gloo) of batch 1 == 1 process of batch 2."""
+@pytest.mark.parametrize("extra", [[], ["train.fp8=true"]], ids=["plain", "fp8"])
+def test_two_processes_match_one_with_the_same_global_batch(extra, tmp_path, cache_dir):
+    """accelerate launch, 2 CPU processes (gloo) of batch 1 == 1 process of batch 2. With train.fp8 the
+    fp8 copies are DDP-ignored buffers (gloo would refuse to broadcast float8) and per-token scales do
+    not depend on the batch's make-up."""
     from pixart_tune import train
 
-    common = ["train.steps=6", "train.lr_scheduler=linear"]
+    common = ["train.steps=6", "train.lr_scheduler=linear", *extra]
     one = train(RECIPE, _overrides(tmp_path / "one", cache_dir, *common, "train.batch_size=2"), show_progress=False)
     result = _launch_two_cpu_processes("-m", "pixart_tune", "train", str(RECIPE),
                                        *_overrides(tmp_path / "two", cache_dir, *common, "train.batch_size=1"))
