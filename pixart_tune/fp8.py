@@ -54,11 +54,22 @@ def quantize_rowwise(t: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     values), so it traces under torch.compile and fuses into one kernel there.
     """
     amax = t.abs().amax(dim=dim, keepdim=True).float()  # max |t| is exact in any float dtype
-    scale = (amax / E4M3_MAX).clamp(min=MIN_SCALE)
+    scale = scale_for(amax)
+    return quantize_with(t, scale), scale
+
+
+def scale_for(bound: Tensor) -> Tensor:
+    """The fp32 scale that maps |values| <= bound onto e4m3's range (bound: an amax, or any upper bound)."""
+    return (bound.float() / E4M3_MAX).clamp(min=MIN_SCALE)
+
+
+def quantize_with(t: Tensor, scale: Tensor) -> Tensor:
+    """t / scale in float8_e4m3fn, for a scale from scale_for (broadcast against t). A loose bound costs
+    little: e4m3 keeps its 3-bit mantissa over 2^-6..448, so only values 2^15 below it lose precision."""
     # bf16/fp32 t divided by an fp32 scale computes in fp32. The clamp catches the rare quotient that
-    # rounds just above 448: a cast out of e4m3's range may give NaN rather than saturate on some paths.
-    t_fp8 = (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return t_fp8, scale
+    # rounds just above 448 (and a bound a rounding short): a cast out of e4m3's range may give NaN
+    # rather than saturate on some paths.
+    return (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def scaled_mm_supported(device: torch.device) -> bool:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fp8 import fp8_mm, quantize_rowwise
+from .fp8 import fp8_mm, quantize_rowwise, quantize_with, scale_for
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -109,6 +109,82 @@ def _(x, x_scale, w, w_scale, h: Tensor, b, bias, groups: int = 1) -> Tensor:
     return h.new_empty(x.shape[0], w.shape[0])
 
 
+def _gemm_scaled_plus_lowrank_row_max(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Tensor, b: Tensor,
+                                      bias: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The op above, and max |result| of each row (M,) fp32: a bound for quantising what is computed
+    from the result (lora_ff.py). The Triton kernel takes it from its fp32 accumulator."""
+    kernel = _triton_kernel() if x.is_cuda else None
+    if kernel is not None and kernel.wanted_scaled(x, x_scale, w, w_scale, h, b, bias):
+        row_max = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        return kernel.gemm_scaled_plus_lowrank(x, x_scale, w, w_scale, h, b, bias, row_max=row_max), row_max
+    y = _gemm_scaled_plus_lowrank(x, x_scale, w, w_scale, h, b, bias)
+    return y, y.abs().amax(-1).float()
+
+
+_LIB.define("gemm_scaled_plus_lowrank_row_max(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor h, Tensor b, "
+            "Tensor? bias) -> (Tensor, Tensor)")  # fmt: skip
+_LIB.impl("gemm_scaled_plus_lowrank_row_max", _gemm_scaled_plus_lowrank_row_max, "CompositeExplicitAutograd")
+gemm_scaled_plus_lowrank_row_max = torch.ops.pixart_tune.gemm_scaled_plus_lowrank_row_max.default
+
+
+@torch.library.register_fake("pixart_tune::gemm_scaled_plus_lowrank_row_max")
+def _(x, x_scale, w, w_scale, h: Tensor, b, bias) -> tuple[Tensor, Tensor]:
+    return h.new_empty(x.shape[0], w.shape[0]), x_scale.new_empty(x.shape[0])
+
+
+def adapter_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                    groups: int = 1, w8: Tensor | None = None, w8_scale: Tensor | None = None,
+                    x_bound: Tensor | None = None, row_max: bool = False):  # fmt: skip
+    """One LoRA linear's forward on x2 (M, K), already in the compute dtype, autocast off.
+
+    Returns y = x2 W^T + bias + scaling (x2 A^T) B^T (M, N), h = x2 A^T (M, r) for the backward, and
+    max |y| per row (M,) where row_max (fp8 only) else None. w8 (N, K), w8_scale (N, 1): fp8 copies of
+    W, or None for the compute dtype. x2 is quantised per row, by its own max or by x_bound (M, 1)."""
+    dtype = x2.dtype
+    a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
+    h = x2 @ a.t()  # (M, r)
+    bias = None if bias is None else bias.to(dtype)
+    if w8 is None:
+        return gemm_plus_lowrank(x2, weight.to(dtype).t(), h, b.t(), bias, groups), h, None  # (M, N)
+    # x2 quantised per token here: under torch.compile this fuses into the kernel that produced it
+    xq, x_scale = quantize_rowwise(x2) if x_bound is None else (quantize_with(x2, scale := scale_for(x_bound)), scale)
+    if row_max:
+        y, y_max = gemm_scaled_plus_lowrank_row_max(xq, x_scale, w8, w8_scale, h, b.t(), bias)
+        return y, h, y_max
+    return gemm_scaled_plus_lowrank(xq, x_scale, w8, w8_scale, h, b.t(), bias, groups), h, None
+
+
+def adapter_backward(dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                     needs: tuple[bool, bool, bool], w8_t: Tensor | None = None, w8_t_scale: Tensor | None = None,
+                     dy_bound: Tensor | None = None, row_max: bool = False):  # fmt: skip
+    """The backward of adapter_forward for dy2 (M, N) in the compute dtype, autocast off: (dx (M, K),
+    dA, dB, max |dx| per row where row_max else None); `needs` says which of dx, dA, dB to compute.
+
+        dh = dy (s B)      dx = dh A + dy W      dA = dh^T x      dB = s dy^T h
+
+    w8_t (K, N), w8_t_scale (K, 1): fp8 copies of W^T, or None; dy2 is quantised per row by its own
+    max or by dy_bound (M, 1)."""
+    dtype = dy2.dtype
+    a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
+    dh = dy2 @ b  # (M, r)
+    dx = grad_a = grad_b = dx_max = None
+    if needs[0]:
+        if w8_t is None:
+            dx = gemm_plus_lowrank(dy2, weight.to(dtype), dh, a, None)  # (M, K)
+        else:  # dy quantised per token: fuses into the kernel that produced it under torch.compile
+            dq, dy_scale = quantize_rowwise(dy2) if dy_bound is None else (
+                quantize_with(dy2, scale := scale_for(dy_bound)), scale)  # fmt: skip
+            if row_max:
+                dx, dx_max = gemm_scaled_plus_lowrank_row_max(dq, dy_scale, w8_t, w8_t_scale, dh, a, None)
+            else:
+                dx = gemm_scaled_plus_lowrank(dq, dy_scale, w8_t, w8_t_scale, dh, a, None)
+    if needs[1]:
+        grad_a = (dh.t() @ x2).to(lora_a.dtype)  # (r, K)
+    if needs[2]:
+        grad_b = (dy2.t() @ h).mul_(scaling).to(lora_b.dtype)  # (N, r); s applied in the output dtype
+    return dx, grad_a, grad_b, dx_max
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
@@ -121,13 +197,7 @@ class _LoraLinear(torch.autograd.Function):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
-            a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
-            h = x2 @ a.t()  # (M, r)
-            bias_c = None if bias is None else bias.to(dtype)
-            if w8 is None:
-                y = gemm_plus_lowrank(x2, weight.to(dtype).t(), h, b.t(), bias_c, groups)  # (M, N)
-            else:  # x quantised per token here: under torch.compile this fuses into x's producer
-                y = gemm_scaled_plus_lowrank(*quantize_rowwise(x2), w8, w8_scale, h, b.t(), bias_c, groups)
+            y, h, _ = adapter_forward(x2, weight, bias, lora_a, lora_b, scaling, groups, w8, w8_scale)
         ctx.save_for_backward(x2, h, weight, lora_a, lora_b, w8_t, w8_t_scale)
         ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
@@ -136,25 +206,15 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x2, h, weight, lora_a, lora_b, w8_t, w8_t_scale = ctx.saved_tensors
-        dtype, s = ctx.dtype, ctx.scaling
-        with torch.autocast(dy.device.type, enabled=False):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (M, N)
-            a, b = lora_a.to(dtype), (lora_b * s).to(dtype)
-            dh = dy2 @ b  # (M, r)
-            dx = grad_a = grad_b = None
-            if ctx.needs_input_grad[0]:
-                if w8_t is None:
-                    dx = gemm_plus_lowrank(dy2, weight.to(dtype), dh, a, None)  # (M, K)
-                else:  # dy quantised per token: fuses into dy's producer under torch.compile
-                    dx = gemm_scaled_plus_lowrank(*quantize_rowwise(dy2), w8_t, w8_t_scale, dh, a, None)
-                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
-            if ctx.needs_input_grad[3]:
-                grad_a = (dh.t() @ x2).to(lora_a.dtype)  # (r, K)
-            if ctx.needs_input_grad[4]:
-                grad_b = (dy2.t() @ h).mul_(s).to(lora_b.dtype)  # (N, r); s applied in the output dtype
-        grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         if ctx.needs_input_grad[1]:
             raise RuntimeError("the fused LoRA linear keeps its base weight frozen")
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)  # (M, N)
+            needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+            dx, grad_a, grad_b, _ = adapter_backward(dy2, x2, h, weight, lora_a, lora_b, ctx.scaling, needs, w8_t,
+                                                     w8_t_scale)  # fmt: skip
+        dx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return dx, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
 
@@ -204,15 +264,22 @@ def fuse_lora_linears(model: nn.Module) -> int:
     merging and isinstance checks are unchanged). Returns how many layers were changed."""
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
+    return give_forward(model, PeftLoraLinear, _fused_forward, "_peft_forward", _FUSED_CLASSES)
+
+
+def give_forward(model: nn.Module, base: type, forward, plain_name: str, classes: dict[type, type]) -> int:
+    """Give every module of `model` whose class derives from `base` the method `forward`, through one
+    subclass per class (cached in `classes`) that keeps the class's own forward as `plain_name`; all
+    else about the class stays. Returns how many modules were changed (changed ones are skipped)."""
     changed = 0
     for module in model.modules():
         cls = type(module)
-        if cls is PeftLoraLinear or (issubclass(cls, PeftLoraLinear) and cls not in _FUSED_CLASSES.values()):
-            if cls not in _FUSED_CLASSES:
-                _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {
-                    "forward": _fused_forward, "_peft_forward": cls.forward, "__module__": __name__,
+        if issubclass(cls, base) and cls not in classes.values():
+            if cls not in classes:
+                classes[cls] = type(f"Fused{cls.__name__}", (cls,), {
+                    "forward": forward, plain_name: cls.forward, "__module__": forward.__module__,
                 })  # fmt: skip
-            module.__class__ = _FUSED_CLASSES[cls]
+            module.__class__ = classes[cls]
             changed += 1
     return changed
 

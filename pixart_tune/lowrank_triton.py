@@ -43,17 +43,20 @@ _SHARED_MEMORY = 232448  # bytes a block may use on Hopper (227 KiB, the opt-in 
 
 
 @triton.jit
-def _gemm_plus_lowrank_kernel(x_ptr, w_ptr, h_ptr, b_ptr, y_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, M, N, K, x_rows,
-                              w_rows, h_rows, b_rows, R_ALL, group_cols, R: tl.constexpr, W_TRANSPOSED: tl.constexpr,
-                              B_TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr, SCALED: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                              STAGES: tl.constexpr, NUM_SMS: tl.constexpr):  # fmt: skip
+def _gemm_plus_lowrank_kernel(x_ptr, w_ptr, h_ptr, b_ptr, y_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, row_max_ptr, M, N,
+                              K, x_rows, w_rows, h_rows, b_rows, R_ALL, group_cols, R: tl.constexpr,
+                              W_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              SCALED: tl.constexpr, ROW_MAX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                              BK: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr,
+                              NUM_SMS: tl.constexpr):  # fmt: skip
     # TMA descriptors built on the device (cheaper to launch than host-built ones). w is (K, N) logically;
     # W_TRANSPOSED: stored as (N, K) row-major (the forward's W.t()); likewise b (r, N) / stored (N, r).
     # *_rows: the row strides of the stored operands. b may be block diagonal (see `gemm_plus_lowrank`):
     # output columns [g * group_cols, (g + 1) * group_cols) take ranks [g * R, (g + 1) * R) of the R_ALL.
     # SCALED: x and w are float8 with one fp32 scale per row of x (M,) and per output column (N,): the
     # fp32 sum x @ w is rescaled before the (16-bit) low-rank term joins it. fp8 wgmma reads w K-major.
+    # ROW_MAX: also max |y| of each row into row_max (M,) fp32, zeroed by the caller (atomic max over the
+    # row's tiles: the result does not depend on their order).
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[x_rows, 1], block_shape=[BM, BK])
     if W_TRANSPOSED:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[w_rows, 1], block_shape=[BN, BK])
@@ -100,6 +103,9 @@ def _gemm_plus_lowrank_kernel(x_ptr, w_ptr, h_ptr, b_ptr, y_ptr, bias_ptr, x_sca
         if HAS_BIAS:
             cols = off_n + tl.arange(0, BN)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if ROW_MAX:
+            rows = off_m + tl.arange(0, BM)
+            tl.atomic_max(row_max_ptr + rows, tl.max(tl.abs(acc), axis=1), mask=rows < M)
         y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
@@ -192,8 +198,9 @@ def wanted_scaled(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Ten
     return scales_ok and _layout(x) is False and _layout(w) is False and x.data_ptr() % 16 == w.data_ptr() % 16 == 0
 
 
-def _launch(x, w, w_transposed: bool, h, b, bias, groups: int, x_scale=None, w_scale=None) -> Tensor:
-    """Run the kernel: x (M, K) row-major; w stored row-major, (N, K) if w_transposed else (K, N)."""
+def _launch(x, w, w_transposed: bool, h, b, bias, groups: int, x_scale=None, w_scale=None, row_max=None) -> Tensor:
+    """Run the kernel: x (M, K) row-major; w stored row-major, (N, K) if w_transposed else (K, N);
+    row_max: a zeroed (M,) fp32 tensor that gets max |y| per row, or None."""
     m, k = x.shape
     n, r_all = (w.shape[0] if w_transposed else w.shape[1]), h.shape[1]
     bm, bn = _tiles(n, groups)
@@ -205,10 +212,11 @@ def _launch(x, w, w_transposed: bool, h, b, bias, groups: int, x_scale=None, w_s
     grid = (min(sms, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)
     scaled = x_scale is not None
     _gemm_plus_lowrank_kernel[grid](x, w, h, b_stored, y, y if bias is None else bias, x_scale if scaled else y,
-                                    w_scale if scaled else y, m, n, k, x.stride(0), w.stride(0), h.stride(0),
-                                    b_stored.stride(0), r_all, n // groups, r_all // groups, w_transposed, b_t,
-                                    bias is not None, scaled, bm, bn, BK_FP8 if scaled else BK, 4,
-                                    _stages(bm, bn, r_all // groups), sms, num_warps=8)  # fmt: skip
+                                    w_scale if scaled else y, y if row_max is None else row_max, m, n, k, x.stride(0),
+                                    w.stride(0), h.stride(0), b_stored.stride(0), r_all, n // groups,
+                                    r_all // groups, w_transposed, b_t, bias is not None, scaled, row_max is not None,
+                                    bm, bn, BK_FP8 if scaled else BK, 4, _stages(bm, bn, r_all // groups), sms,
+                                    num_warps=8)  # fmt: skip
     return y
 
 
@@ -221,9 +229,9 @@ def gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor |
 
 
 def gemm_scaled_plus_lowrank(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Tensor, b: Tensor,
-                             bias: Tensor | None, groups: int = 1) -> Tensor:  # fmt: skip
+                             bias: Tensor | None, groups: int = 1, row_max: Tensor | None = None) -> Tensor:  # fmt: skip
     """(x * x_scale) @ (w * w_scale)^T + h @ b (+ bias) -> (M, N) in h's dtype, for float8 x (M, K) and
     w (N, K) with fp32 scales per row (M, 1) and (N, 1); h, b, groups as in gemm_plus_lowrank. The fp8
     product accumulates in fp32 and is rescaled before the low-rank term joins it. Call only where
-    `wanted_scaled()` says yes."""
-    return _launch(x, w, True, h, b, bias, groups, x_scale, w_scale)
+    `wanted_scaled()` says yes. row_max: a zeroed (M,) fp32 tensor that gets max |result| per row."""
+    return _launch(x, w, True, h, b, bias, groups, x_scale, w_scale, row_max)

@@ -107,6 +107,10 @@ def prepare_model(cfg: Config, base: str):
             from .lora_fused import fuse_lora_linears
 
             fuse_lora_linears(model)
+        if t.fp8:  # the feed-forward's two fp8 linears and GELU as one function (lora_ff.py)
+            from .lora_ff import fuse_feed_forwards
+
+            fuse_feed_forwards(model)
     else:
         model = transformer.requires_grad_(True)
         for name, module in model.named_modules():

@@ -223,3 +223,19 @@ def test_fp8_lora_linear_on_the_gpu_matches_the_bf16_one():
     for got, want in zip(_lora_linear_run(case, copies), _lora_linear_run(case)):
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err < 0.05  # fp8's rounding of x, dy and W (y, dx); dA and dB read dy, x A^T only
+
+
+def test_the_fp8_kernel_writes_each_rows_max_and_the_op_falls_back_to_the_same(monkeypatch):
+    """row_max (lora_ff.py's scale bounds): max |y| of each row, atomically over the row's tiles."""
+    from pixart_tune.lora_fused import gemm_scaled_plus_lowrank_row_max as op
+
+    ops = _fp8_operands(4096 + 37, 1152, 4608, 16)
+    want = _fp8_want(*ops)
+    y, row_max = op(*ops)
+    assert row_max.shape == (4096 + 37,) and row_max.dtype == torch.float32
+    # from the fp32 accumulator: within the bf16 rounding of y's own max
+    torch.testing.assert_close(row_max, y.float().abs().amax(-1), rtol=1e-2, atol=0)
+    assert ((y.float() - want).abs().max() / want.abs().max()).item() < 1e-2
+    monkeypatch.setenv("PIXART_TUNE_TRITON_LORA", "0")
+    _, row_max_torch = op(*ops)  # torch._scaled_mm + the low-rank product, the max taken by torch
+    torch.testing.assert_close(row_max_torch, row_max, rtol=1e-2, atol=0)
