@@ -13,7 +13,8 @@ fly; under torch.compile that fuses into the kernel that produces them, where th
 Inductor's (a norm, a GELU, a gated residual). So fp8 is attached only where that holds and it pays,
 per direction (FP8_LAYERS, measured on an H100: README, Performance): the self-attention's q/k/v
 forward (their input is norm1's output; the input gradient comes from the attention kernel) and both
-directions of the feed-forward. The bf16 weights stay: merging, saving and peft's own forward are
+directions of the feed-forward, which lora_ff.py runs as one function so that its 4608-wide rows take
+bounds as scales instead of row maxima. The bf16 weights stay: merging, saving and peft's own forward are
 untouched, and the adapters, norms and attention stay in bf16/fp32.
 
 Where the Triton kernel does not run (CPU, other GPUs, shapes it declines) the same fp8 values go
