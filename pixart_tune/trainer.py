@@ -217,6 +217,13 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
             print(f"train.attention={t.attention}: {attention} on this machine")
         cfg = cfg.model_copy(update={"train": t.model_copy(update={"attention": attention})})
         t = cfg.train
+    if t.fp8:
+        from .fp8 import scaled_mm_supported
+
+        if not scaled_mm_supported(accelerator.device):
+            warnings.warn(f"train.fp8: {accelerator.device} has no fp8 matmuls (they need an NVIDIA GPU of compute "
+                          "capability 9.0+); the fp8 values are multiplied in fp32 instead: the same numerics, but "
+                          "slower than train.fp8=false", stacklevel=2)  # fmt: skip
     base = resolve_base(cfg.model.base)
     # Every rank encodes its share of what is missing, then all read the same index from disk.
     index = build_cache(cfg, base, accelerator.device, show_progress=show_progress and main, rank=rank,

@@ -366,3 +366,4 @@ def test_fused_feed_forward_traces_under_torch_compile_without_graph_breaks(ff_p
         runs.append((y, xi.grad, *(p.grad for n, p in ff.named_parameters() if "lora_" in n)))
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+

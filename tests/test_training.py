@@ -392,3 +392,12 @@ def test_fsdp_validation_runs_t5_once_and_shares_the_features(tmp_path, tiny_bas
     assert [r["t5_loads"] for r in ranks] == [1, 0]
     assert ranks[0]["embeds"].shape[0] == 3  # two prompts and the negative ""
     assert torch.equal(ranks[0]["embeds"], ranks[1]["embeds"]) and torch.equal(ranks[0]["masks"], ranks[1]["masks"])
+
+
+def test_fp8_where_there_are_no_fp8_matmuls_warns_and_still_trains(tmp_path, cache_dir):
+    from pixart_tune import train
+
+    with pytest.warns(UserWarning, match="no fp8 matmuls"):
+        final = train(RECIPE, _overrides(tmp_path / "run", cache_dir, "train.steps=2", "train.fp8=true"),
+                      show_progress=False)  # fmt: skip
+    assert (final / "adapter_model.safetensors").is_file()
