@@ -21,8 +21,10 @@ not timed at run time, so the same run picks the same kernels (and rounding) eve
 on the cuBLAS pair. PIXART_TUNE_TRITON_LORA=0 turns it off.
 
 The same kernel takes float8 x and W with per-row scales (`gemm_scaled_plus_lowrank`, train.fp8;
-fp8.py): 0.26 ms for the joint q/k/v projection (1152 -> 3456, three rank-16 blocks) against 0.40 in
-bf16, 0.35 against 0.53 at 1152 -> 4608, 0.28 against 0.49 at 4608 -> 1152 (so no K limit there).
+fp8.py). `python scripts/probe_kernels.py fp8-gemms`, against the bf16 op as routed: 0.27 ms against
+0.42 for the joint q/k/v projection (1152 -> 3456, three rank-16 blocks), 0.34 against 0.51 at
+1152 -> 4608, 0.27 against 0.48 at 4608 -> 1152 (so no K limit there). It can also write each row's
+max |y| (lora_ff.py's fp8 scale bounds).
 """
 
 from __future__ import annotations
