@@ -110,25 +110,30 @@ def _(x, x_scale, w, w_scale, h: Tensor, b, bias, groups: int = 1) -> Tensor:
 
 
 def _gemm_scaled_plus_lowrank_row_max(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Tensor, b: Tensor,
-                                      bias: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+                                      bias: Tensor | None, groups: int = 1) -> tuple[Tensor, Tensor]:  # fmt: skip
     """The op above, and max |result| of each row (M,) fp32: a bound for quantising what is computed
     from the result (lora_ff.py). The Triton kernel takes it from its fp32 accumulator."""
     kernel = _triton_kernel() if x.is_cuda else None
-    if kernel is not None and kernel.wanted_scaled(x, x_scale, w, w_scale, h, b, bias):
+    if kernel is not None and kernel.wanted_scaled(x, x_scale, w, w_scale, h, b, bias, groups):
         row_max = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
-        return kernel.gemm_scaled_plus_lowrank(x, x_scale, w, w_scale, h, b, bias, row_max=row_max), row_max
-    y = _gemm_scaled_plus_lowrank(x, x_scale, w, w_scale, h, b, bias)
-    return y, y.abs().amax(-1).float()
+        return kernel.gemm_scaled_plus_lowrank(x, x_scale, w, w_scale, h, b, bias, groups, row_max), row_max
+    y = _gemm_scaled_plus_lowrank(x, x_scale, w, w_scale, h, b, bias, groups)
+    return y, _row_max(y)
+
+
+def _row_max(y: Tensor) -> Tensor:
+    """max |y| of each row of y (M, N): (M,) fp32."""
+    return y.abs().amax(-1).float()
 
 
 _LIB.define("gemm_scaled_plus_lowrank_row_max(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor h, Tensor b, "
-            "Tensor? bias) -> (Tensor, Tensor)")  # fmt: skip
+            "Tensor? bias, int groups=1) -> (Tensor, Tensor)")  # fmt: skip
 _LIB.impl("gemm_scaled_plus_lowrank_row_max", _gemm_scaled_plus_lowrank_row_max, "CompositeExplicitAutograd")
 gemm_scaled_plus_lowrank_row_max = torch.ops.pixart_tune.gemm_scaled_plus_lowrank_row_max.default
 
 
 @torch.library.register_fake("pixart_tune::gemm_scaled_plus_lowrank_row_max")
-def _(x, x_scale, w, w_scale, h: Tensor, b, bias) -> tuple[Tensor, Tensor]:
+def _(x, x_scale, w, w_scale, h: Tensor, b, bias, groups: int = 1) -> tuple[Tensor, Tensor]:
     return h.new_empty(x.shape[0], w.shape[0]), x_scale.new_empty(x.shape[0])
 
 
@@ -138,18 +143,19 @@ def adapter_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Ten
     """One LoRA linear's forward on x2 (M, K), already in the compute dtype, autocast off.
 
     Returns y = x2 W^T + bias + scaling (x2 A^T) B^T (M, N), h = x2 A^T (M, r) for the backward, and
-    max |y| per row (M,) where row_max (fp8 only) else None. w8 (N, K), w8_scale (N, 1): fp8 copies of
-    W, or None for the compute dtype. x2 is quantised per row, by its own max or by x_bound (M, 1)."""
+    max |y| per row (M,) fp32 where row_max else None. w8 (N, K), w8_scale (N, 1): fp8 copies of W, or
+    None for the compute dtype. x2 is quantised per row, by its own max or by x_bound (M, 1)."""
     dtype = x2.dtype
     a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
     h = x2 @ a.t()  # (M, r)
     bias = None if bias is None else bias.to(dtype)
     if w8 is None:
-        return gemm_plus_lowrank(x2, weight.to(dtype).t(), h, b.t(), bias, groups), h, None  # (M, N)
+        y = gemm_plus_lowrank(x2, weight.to(dtype).t(), h, b.t(), bias, groups)  # (M, N)
+        return y, h, _row_max(y) if row_max else None
     # x2 quantised per token here: under torch.compile this fuses into the kernel that produced it
     xq, x_scale = quantize_rowwise(x2) if x_bound is None else (quantize_with(x2, scale := scale_for(x_bound)), scale)
     if row_max:
-        y, y_max = gemm_scaled_plus_lowrank_row_max(xq, x_scale, w8, w8_scale, h, b.t(), bias)
+        y, y_max = gemm_scaled_plus_lowrank_row_max(xq, x_scale, w8, w8_scale, h, b.t(), bias, groups)
         return y, h, y_max
     return gemm_scaled_plus_lowrank(xq, x_scale, w8, w8_scale, h, b.t(), bias, groups), h, None
 
@@ -171,6 +177,7 @@ def adapter_backward(dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a:
     if needs[0]:
         if w8_t is None:
             dx = gemm_plus_lowrank(dy2, weight.to(dtype), dh, a, None)  # (M, K)
+            dx_max = _row_max(dx) if row_max else None
         else:  # dy quantised per token: fuses into the kernel that produced it under torch.compile
             dq, dy_scale = quantize_rowwise(dy2) if dy_bound is None else (
                 quantize_with(dy2, scale := scale_for(dy_bound)), scale)  # fmt: skip
