@@ -152,12 +152,18 @@ def adapter_forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Ten
     if w8 is None:
         y = gemm_plus_lowrank(x2, weight.to(dtype).t(), h, b.t(), bias, groups)  # (M, N)
         return y, h, _row_max(y) if row_max else None
-    # x2 quantised per token here: under torch.compile this fuses into the kernel that produced it
-    xq, x_scale = quantize_rowwise(x2) if x_bound is None else (quantize_with(x2, scale := scale_for(x_bound)), scale)
+    y, y_max = _scaled_gemm(x2, x_bound, w8, w8_scale, h, b.t(), bias, groups, row_max)
+    return y, h, y_max
+
+
+def _scaled_gemm(t: Tensor, bound: Tensor | None, w8: Tensor, w8_scale: Tensor, h: Tensor, b: Tensor,
+                 bias: Tensor | None, groups: int, row_max: bool) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """t (M, K) quantised per row (by its own max, or by bound (M, 1)), then the fp8 op: (y, max |y| per
+    row or None). Under torch.compile the quantisation fuses into the kernel that produced t."""
+    tq, t_scale = quantize_rowwise(t) if bound is None else (quantize_with(t, scale := scale_for(bound)), scale)
     if row_max:
-        y, y_max = gemm_scaled_plus_lowrank_row_max(xq, x_scale, w8, w8_scale, h, b.t(), bias, groups)
-        return y, h, y_max
-    return gemm_scaled_plus_lowrank(xq, x_scale, w8, w8_scale, h, b.t(), bias, groups), h, None
+        return gemm_scaled_plus_lowrank_row_max(tq, t_scale, w8, w8_scale, h, b, bias, groups)
+    return gemm_scaled_plus_lowrank(tq, t_scale, w8, w8_scale, h, b, bias, groups), None
 
 
 def adapter_backward(dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
@@ -178,13 +184,8 @@ def adapter_backward(dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a:
         if w8_t is None:
             dx = gemm_plus_lowrank(dy2, weight.to(dtype), dh, a, None)  # (M, K)
             dx_max = _row_max(dx) if row_max else None
-        else:  # dy quantised per token: fuses into the kernel that produced it under torch.compile
-            dq, dy_scale = quantize_rowwise(dy2) if dy_bound is None else (
-                quantize_with(dy2, scale := scale_for(dy_bound)), scale)  # fmt: skip
-            if row_max:
-                dx, dx_max = gemm_scaled_plus_lowrank_row_max(dq, dy_scale, w8_t, w8_t_scale, dh, a, None)
-            else:
-                dx = gemm_scaled_plus_lowrank(dq, dy_scale, w8_t, w8_t_scale, dh, a, None)
+        else:
+            dx, dx_max = _scaled_gemm(dy2, dy_bound, w8_t, w8_t_scale, dh, a, None, 1, row_max)
     if needs[1]:
         grad_a = (dh.t() @ x2).to(lora_a.dtype)  # (r, K)
     if needs[2]:
