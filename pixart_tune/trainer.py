@@ -97,19 +97,18 @@ def prepare_model(cfg: Config, base: str):
         from .lora import add_lora
 
         model = add_lora(transformer, cfg.lora, base_model=base)  # the tiny kit records its folder
-        if t.fp8:  # fp8 copies of the busiest frozen base weights, which the fused LoRA linears use
-            from .fp8 import FP8_LAYERS, apply_fp8
-
-            if not apply_fp8(model):
-                raise ValueError(f"train.fp8: no LoRA on the layers it speeds up ({', '.join(FP8_LAYERS)} of each "
-                                 "block); add attention or ff to lora.targets, or set train.fp8=false")  # fmt: skip
         if t.fused_lora:
             from .lora_fused import fuse_lora_linears
 
             fuse_lora_linears(model)
-        if t.fp8:  # the feed-forward's two fp8 linears and GELU as one function (lora_ff.py)
+        if t.fp8:  # (needs fused_lora: config) fp8 copies of the busiest frozen base weights, which the
+            # fused LoRA linears use, and the feed-forward's two linears and GELU as one function
+            from .fp8 import FP8_LAYERS, apply_fp8
             from .lora_ff import fuse_feed_forwards
 
+            if not apply_fp8(model):
+                raise ValueError(f"train.fp8: no LoRA on the layers it speeds up ({', '.join(FP8_LAYERS)} of each "
+                                 "block); add attention or ff to lora.targets, or set train.fp8=false")  # fmt: skip
             fuse_feed_forwards(model)
     else:
         model = transformer.requires_grad_(True)
