@@ -110,6 +110,10 @@ class FP8Weights(nn.Module):
         for name, value in zip(self.BUFFERS, (w_fwd, s_fwd, w_bwd, s_bwd)):
             self.register_buffer(name, value, persistent=False)
 
+    def as_args(self) -> tuple[Tensor | None, ...]:
+        """(forward weight, its scale, input-gradient weight, its scale): lora_linear's `fp8` argument."""
+        return tuple(self._buffers[name] for name in self.BUFFERS)
+
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype)/.half()/.float() cast every floating buffer, and float8 counts as one:
         # these copies and their fp32 scales follow the device only.

@@ -259,9 +259,7 @@ def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
 def _fp8_copies(layer) -> tuple | None:
     """The fp8 copies fp8.apply_fp8 attached to `layer` as lora_linear's `fp8` argument, or None."""
     held = layer._modules.get("fp8")
-    if held is None:
-        return None
-    return held.forward_weight, held.forward_scale, held.backward_weight, held.backward_scale
+    return None if held is None else held.as_args()
 
 
 _FUSED_CLASSES: dict[type, type] = {}

@@ -84,8 +84,7 @@ def test_fp8_mm_bf16_result_on_the_fallback():
 
 
 def _copies(w: torch.Tensor, forward: bool, backward: bool):
-    held = FP8Weights(w, forward, backward)
-    return held.forward_weight, held.forward_scale, held.backward_weight, held.backward_scale
+    return FP8Weights(w, forward, backward).as_args()
 
 
 @pytest.mark.parametrize("forward, backward", [(True, True), (True, False), (False, True)])

@@ -218,8 +218,7 @@ def test_fp8_lora_linear_on_the_gpu_matches_the_bf16_one():
     from pixart_tune.fp8 import FP8Weights
 
     case = _lora_case(4608)
-    held = FP8Weights(case[1], True, True)
-    copies = (held.forward_weight, held.forward_scale, held.backward_weight, held.backward_scale)
+    copies = FP8Weights(case[1], True, True).as_args()
     for got, want in zip(_lora_linear_run(case, copies), _lora_linear_run(case)):
         err = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert err < 0.05  # fp8's rounding of x, dy and W (y, dx); dA and dB read dy, x A^T only
