@@ -493,8 +493,8 @@ def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
     data = write_photos(work / "photos-1024", 4 * args.batch, 1024)
     overrides = [f"train.batch_size={args.batch}", "lora.rank=16", "lora.alpha=16", "model.weight_dtype=bf16",
                  "data.t5_dtype=bf16", "train.mixed_precision=bf16", "data.resolution=1024", "train.compile=regional",
-                 "train.attention=cudnn", *extra]  # fmt: skip
-    name = "profile" + "".join(f"-{x.split('=')[0].split('.')[-1]}" for x in extra)
+                 "train.attention=cudnn", *extra, *args.set]  # fmt: skip
+    name = "profile" + "".join(f"-{x.split('=')[0].split('.')[-1]}" for x in (*extra, *args.set))
     run_ours(base, data, work / "cache-1024", work, f"{name}-warm", overrides, 4)  # cache + compile outside the trace
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run_ours(base, data, work / "cache-1024", work, name, overrides, 12)
@@ -504,7 +504,7 @@ def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
         group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
         totals[group] = totals.get(group, 0.0) + event.device_time_total / 1e3  # ms
     all_ms = sum(totals.values())
-    top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:30]
+    top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:50]
     result = {"gpu_ms_per_step": all_ms / 12, "share": {g: t / all_ms for g, t in sorted(totals.items(), key=lambda x: -x[1])},
               "top_kernels_ms_per_step": {e.key[:120]: e.device_time_total / 1e3 / 12 for e in top}}  # fmt: skip
     trace = work / f"{name}-trace.json"
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
                         "with --profile: lora fp8 fa4 full_fa4; with --multi-gpu: lora full fsdp")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="recipe overrides for every training row (and --multi-gpu variant), e.g. train.attention=fa4")
+                   help="recipe overrides for every training row (and --multi-gpu variant, --profile run), e.g. train.attention=fa4")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
