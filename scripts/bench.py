@@ -454,12 +454,14 @@ def multi_gpu(args, work: Path) -> dict:
     return out
 
 
-KERNEL_GROUPS = [  # substrings of CUDA kernel names -> what they are
+KERNEL_GROUPS = [  # substrings of CUDA kernel names -> what they are; the first group that matches
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa", "softmax")),
+    # Inductor's kernels (triton_poi_..., triton_red_...) before the matmuls: they are named after the
+    # ops they fuse, and those that feed our GEMM operators carry "gemm" in their names
+    ("fused elementwise (triton)", ("triton_",)),
     ("fp8 matmul", ("e4m3", "f8f8", "fp8")),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "wgmma")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("fused elementwise (triton)", ("triton",)),
     ("elementwise / reduction (eager)", ("elementwise", "reduce", "vectorized", "unrolled", "copy", "fill")),
 ]
 
@@ -471,6 +473,12 @@ PROFILES = {
     "profile_fa4": ("train.attention=fa4",),
     "profile_full_fa4": ("train.attention=fa4", "train.method=full", "train.lr=1e-5"),
 }
+
+
+def kernel_group(kernel_name: str) -> str:
+    """The KERNEL_GROUPS group of a CUDA kernel's name, or "other"."""
+    name = kernel_name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
 
 
 def profile_runs_here(extra: tuple[str, ...]) -> bool:
@@ -500,8 +508,7 @@ def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
         run_ours(base, data, work / "cache-1024", work, name, overrides, 12)
     totals: dict[str, float] = {}
     for event in prof.key_averages():
-        name = event.key.lower()
-        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other")
+        group = kernel_group(event.key)
         totals[group] = totals.get(group, 0.0) + event.device_time_total / 1e3  # ms
     all_ms = sum(totals.values())
     top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:50]

@@ -44,3 +44,20 @@ def test_gpu_idle_sums_the_gaps_between_kernels_by_size():
     assert idle["idle_ms_per_step"] == 1.035
     assert idle["after_gaps_ms_per_step"] == {"flash d": 1.0, "copy": 0.03}
     assert gpu_idle([{"cat": "gpu_memcpy", "name": "load", "ts": 0, "dur": 1}], steps=1)["idle_ms_per_step"] == 0
+
+
+def test_kernel_groups_put_inductors_kernels_apart_from_the_matmuls():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench import kernel_group
+    finally:
+        sys.path.pop(0)
+    # Inductor names a kernel after the ops it fuses: one that quantises a GEMM operator's input says "gemm"
+    assert kernel_group("triton_poi_fused__to_copy_clamp_div_gelu_gemm_scaled_plus_lowrank_t_unsqueeze_15") == (
+        "fused elementwise (triton)")
+    assert kernel_group("_gemm_plus_lowrank_kernel") == "matmul"  # our Triton GEMM
+    assert kernel_group("nvjet_sm90_tst_192x192_64x3_2x1_v_badd_coopB_NNN") == "matmul"
+    assert kernel_group("kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90") == "attention"
+    assert kernel_group("void at::native::vectorized_elementwise_kernel<4, FillFunctor>") == (
+        "elementwise / reduction (eager)")
+    assert kernel_group("Memcpy HtoD (Pageable -> Device)") == "other"
