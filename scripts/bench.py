@@ -529,8 +529,7 @@ def gpu_idle(events: list[dict], steps: int) -> dict:
     and more (a checkpoint, a log line's sync) are left out."""
     spans = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)  # fmt: skip
-    compute_keys = dict(KERNEL_GROUPS)["matmul"] + dict(KERNEL_GROUPS)["attention"]
-    compute = [i for i, (_, _, name) in enumerate(spans) if any(k in name.lower() for k in compute_keys)]
+    compute = [i for i, (_, _, name) in enumerate(spans) if kernel_group(name) in ("matmul", "fp8 matmul", "attention")]
     spans = spans[compute[0] : compute[-1] + 1] if compute else []
     sizes = {"<20us": 0.0, "20-100us": 0.0, "0.1-1ms": 0.0, "1-50ms": 0.0}
     after: dict[str, float] = {}
