@@ -106,6 +106,10 @@ class TrainConfig(_Section):
     # LoRA: the adapter's up-projection and gradient sums ride in the base layer's matmuls
     # (lora_fused.py; the same maths as peft's forward). false = peft's own forward.
     fused_lora: bool = True
+    # The cross-attention's q and out projections folded into the caption's keys and values
+    # (cross_attention.py; the same maths): much less work for captions up to 64 tokens, where it is
+    # used; longer ones run diffusers' attention as with false.
+    fold_cross_attention: bool = True
     log_every: int = Field(10, ge=1)
     log_with: Literal["tensorboard", "none"] = "tensorboard"
 

@@ -25,10 +25,11 @@ Three things shape this module:
 - Off CUDA, the operator runs the same maths in fp32 or wider (`_reference_forward`), so its wiring
   (the saved tensors, the backward, the fake shapes torch.compile traces with) is tested on CPU.
 
-Cross-attention (120 text tokens, masked) stays on SDPA. cuDNN does one layer's forward and backward
-at batch 8 in 0.68 ms, FA4 with the mask as per-sample key counts (`seqused_k`) in 0.88 ms
+The cross-attention (text tokens, masked) does not use FA4. cuDNN does one layer's forward and
+backward at batch 8 in 0.68 ms, FA4 with the mask as per-sample key counts (`seqused_k`) in 0.88 ms
 (`scripts/probe_kernels.py cross-attention` on an H100), and FA4 with key counts failed a check
-against fp32 attention at smaller shapes.
+against fp32 attention at smaller shapes. For captions up to 64 tokens cross_attention.py folds
+the whole cross-attention into a few GEMMs instead; longer ones stay on SDPA.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora_fused import _compute_dtype, _fp8_copies, _vanilla_adapter, adapter_backward, adapter_forward, give_forward
+from .lora_fused import _fp8_copies, _vanilla_adapter, adapter_backward, adapter_forward, compute_dtype, give_forward
 
 GELU_TANH_MAX_SLOPE = 1.13  # max |d/dh| of PixArt's tanh GELU: 1.12899, at h = 1.418
 
@@ -37,7 +37,7 @@ class _LoraFeedForward(torch.autograd.Function):
         w1, bias1, a1, bb1, w8_1, ws_1, w8t_1, wst_1 = args[:8]
         w2, bias2, a2, bb2, w8_2, ws_2, w8t_2, wst_2 = args[8:16]
         s1, s2 = args[16:]
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
             h, u1, h_max = adapter_forward(x2, w1, bias1, a1, bb1, s1, 1, w8_1, ws_1, row_max=True)  # (M, 4608)

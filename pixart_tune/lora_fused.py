@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from .fp8 import fp8_mm, quantize_rowwise, quantize_with, scale_for
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the matmuls run in: autocast's where autocast is on, else x's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -202,7 +202,7 @@ class _LoraLinear(torch.autograd.Function):
         # diagonal in `groups` blocks where joint_projection stacked several layers (else groups = 1).
         # w8 (N, K), w8_t (K, N): fp8 copies of the weight for the forward / the input gradient, with
         # their scales (N, 1) / (K, 1); None where that GEMM runs in the compute dtype (fp8.py).
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
             y, h, _ = adapter_forward(x2, weight, bias, lora_a, lora_b, scaling, groups, w8, w8_scale)
@@ -290,7 +290,7 @@ def give_forward(model: nn.Module, base: type, forward, plain_name: str, classes
     return changed
 
 
-def _joinable(layer) -> tuple[nn.Linear, str | None] | None:
+def joinable(layer) -> tuple[nn.Linear, str | None] | None:
     """(the nn.Linear holding its weight, its LoRA adapter's name or None) where `layer` can join a
     joint projection, else None."""
     if type(layer) is nn.Linear:
@@ -314,7 +314,7 @@ def joint_projection(x: Tensor, layers) -> Tensor | None:
     Joins: plain nn.Linear layers (a full fine-tune, or a frozen model), or fused vanilla LoRA layers
     (fuse_lora_linears) mixed with frozen nn.Linear ones; biases all present or all absent.
     """
-    joined = [_joinable(layer) for layer in layers]
+    joined = [joinable(layer) for layer in layers]
     if any(j is None for j in joined):
         return None
     bases, names = zip(*joined)

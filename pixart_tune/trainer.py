@@ -119,6 +119,10 @@ def prepare_model(cfg: Config, base: str):
         from .fa4 import use_fa4
 
         use_fa4(model)
+    if t.fold_cross_attention:
+        from .cross_attention import fold_cross_attention
+
+        fold_cross_attention(model)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
