@@ -341,6 +341,16 @@ def run_sections(args, work: Path) -> dict:
         for name in ("fused", "foreach", "foreach_2", "fused_2"):
             with adamw_foreach() if name.startswith("foreach") else contextlib.nullcontext():
                 ours(f"full_fa4_adamw_{name}", base, data, res, full)
+    if want & {"fold", "fold_full"} and not smoke and not fa4_missing:  # the folded cross-attention, off and on
+        off = "train.fold_cross_attention=false"
+        if "fold" in want:
+            ours("lora_fa4_unfolded", base, data, res, [*fa4, off])
+            ours("lora_fa4_folded", base, data, res, fa4)
+            ours("lora_fa4_fp8_folded", base, data, res, [*fa4, "train.fp8=true"])
+            ours("lora_fa4_fp8_unfolded", base, data, res, [*fa4, "train.fp8=true", off])
+        if "fold_full" in want:
+            ours("full_fa4_unfolded", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5", off])
+            ours("full_fa4_folded", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5"])
     if "fa4_variants" in want and not smoke and not fa4_missing:
         with fa4_heads_padded():  # what runs where flash-attn-4's dq check fails: heads zero-padded to 96
             ours("lora_fa4_padded", base, data, res, fa4)
@@ -552,7 +562,7 @@ def main(argv=None) -> int:
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
     p.add_argument("--profile", action="store_true", help="GPU time of the training step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: cache lora fp8 full fa4 adamw fa4_variants lora512 full512 memory baselines inference; "
+                   help="sections: cache lora fp8 full fa4 adamw fold fold_full fa4_variants lora512 full512 memory baselines inference; "
                         "with --profile: lora fp8 fa4 full_fa4; with --multi-gpu: lora full fsdp")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

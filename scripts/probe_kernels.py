@@ -5,6 +5,7 @@
     python scripts/probe_kernels.py lowrank-triton [--out F]  # x @ w + h @ b: cuBLAS pair vs one Triton kernel
     python scripts/probe_kernels.py cross-attention [--out F]  # masked text cross-attention: SDPA vs FA4
     python scripts/probe_kernels.py fp8-gemms [--out F]    # train.fp8's GEMMs and quantisation costs
+    python scripts/probe_kernels.py cross-attention-fold [--out F]  # attn2 folded (cross_attention.py) vs SDPA
 
 lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
 GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
@@ -18,6 +19,11 @@ lowrank_triton's kernel, called directly even where its routing rule would not p
 cross-attention: one block's cross-attention at 1024 px (8 x 16 heads x 4096 queries over 120 T5
 tokens of 72, samples keeping 120 down to 50 of them), forward and backward: SDPA (cuDNN first, then
 its other kernels) with diffusers' additive mask, and flash-attn-4 with the mask as per-sample key counts.
+
+cross-attention-fold: one block's whole cross-attention module (diffusers' Attention at PixArt's sizes,
+q/k/v/out projections with fused rank-16 LoRAs, or plain trainable linears for a full fine-tune),
+forward and backward under torch.compile, at batch 8 and 1024 px over 10-120 caption tokens: diffusers'
+processor (SDPA, cuDNN first) against cross_attention.FoldedCrossAttention. Sets its MAX_COLUMNS.
 
 fa4-tiles: the self-attention (8 x 16 heads x 4096 tokens x 72) forward and backward under
 flash-attn-4's own tile choice and under others, by swapping its private `_tile_size_*_sm90`
@@ -48,6 +54,27 @@ def timed(fn, iters: int = 30, warmup: int = 5) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / iters
+
+
+def kernel_ms(fn, iters: int = 20, warmup: int = 5, top: int = 0) -> float | tuple[float, dict]:
+    """Mean CUDA kernel time (ms) of fn() from a profiler trace: the GPU's work alone, where `timed` would
+    measure the host instead (a compiled module's call and its backward issue work slower than a small
+    layer runs). `top` > 0: also the `top` kernels by time, ms per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    total = sum(e.device_time_total for e in events) / 1e3 / iters
+    if not top:
+        return total
+    ranked = sorted(events, key=lambda e: -e.device_time_total)[:top]
+    return total, {e.key[:80]: round(e.device_time_total / 1e3 / iters, 4) for e in ranked}
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -269,8 +296,82 @@ def _fp8_row(m: int, k: int, n: int, r: int, groups: int) -> dict:
     return row
 
 
+def cross_attention_fold(batch: int = 8, queries: int = 4096, width: int = 1152, heads: int = 16) -> list[dict]:
+    from diffusers.models.attention_processor import Attention
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from pixart_tune.lora_fused import fuse_lora_linears
+
+    rows = []
+    for method in ("lora", "full"):
+        torch.manual_seed(0)
+        attn = Attention(width, cross_attention_dim=width, heads=heads, dim_head=width // heads, bias=True,
+                         out_bias=True).cuda()  # fmt: skip
+        if method == "lora":
+            targets = ["to_q", "to_k", "to_v", "to_out.0"]
+            attn = inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=targets), attn)
+            for name, p in attn.named_parameters():
+                p.requires_grad_("lora_" in name)
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.02)
+            attn.to(torch.bfloat16)
+            fuse_lora_linears(attn)
+        x = torch.randn(batch, queries, width, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for keys in (10, 20, 40, 64, 80, 120):
+            rows.append(_fold_row(attn, x, keys, method))
+    return rows
+
+
+def _fold_row(attn, x: torch.Tensor, keys: int, method: str) -> dict:
+    import copy
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pixart_tune.cross_attention import FoldedCrossAttention
+
+    batch, _, width = x.shape
+    ctx = torch.randn(batch, keys, width, device="cuda", dtype=torch.bfloat16)
+    kept = torch.linspace(keys, keys // 2, batch, device="cuda").long()  # diffusers' additive mask, (B, 1, L)
+    mask = torch.where(torch.arange(keys, device="cuda") < kept[:, None], 0.0, -10000.0)[:, None, :].to(x.dtype)
+    dout = torch.randn_like(x)
+    # the reference: the same module in fp32 through diffusers' processor
+    wide, x32 = copy.deepcopy(attn).float(), x.detach().float().requires_grad_()
+    want = _out_and_grads(wide, lambda: wide(x32, encoder_hidden_states=ctx.float(), attention_mask=mask.float()),
+                          x32, dout.float())  # fmt: skip
+    plain = attn.processor
+    row = {"method": method, "keys": keys, "columns": attn.heads * keys}
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    for name, processor in (("sdpa", plain), ("folded", FoldedCrossAttention(plain, max_columns=10**9))):
+        torch._dynamo.reset()  # static shapes for each row, as the trainer's padded caption lengths give the fold
+        attn.set_processor(processor)
+        forward = torch.compile(attn)
+
+        def call(forward=forward):
+            return forward(x, encoder_hidden_states=ctx, attention_mask=mask)
+
+        with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(backends, set_priority=True):
+            got = _out_and_grads(attn, call, x, dout)
+            row[f"{name}_max_rel_err_vs_fp32"] = {k: rel_err(got[k], want[k]) for k in want}
+            row[f"{name}_wall_ms"] = timed(lambda call=call: call().backward(dout))
+            row[f"{name}_gpu_ms"], row[f"{name}_kernels"] = kernel_ms(lambda call=call: call().backward(dout), top=8)
+    attn.set_processor(plain)
+    row["gpu_speedup"] = row["sdpa_gpu_ms"] / row["folded_gpu_ms"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _out_and_grads(module, call, x: torch.Tensor, dout: torch.Tensor) -> dict:
+    """One forward and backward: the output, dx and the trainable parameters' gradients, by name."""
+    module.zero_grad()
+    x.grad = None
+    out = call()
+    out.backward(dout)
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return {"out": out.detach(), "dx": x.grad.clone(), **grads}
+
+
 PROBES = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton,
-          "cross-attention": cross_attention, "fp8-gemms": fp8_gemms}  # fmt: skip
+          "cross-attention": cross_attention, "fp8-gemms": fp8_gemms, "cross-attention-fold": cross_attention_fold}  # fmt: skip
 
 
 def main(argv=None) -> int:
