@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .lora_fused import compute_dtype, joinable
-from .speed import transformer_blocks
+from .speed import plain_attention, transformer_blocks
 
 # Fold while heads x caption tokens stays at or below this: 64 tokens of PixArt's 16 heads, where the
 # fold took 1.48 ms against 1.73 on an H100 (at 80 tokens 1.81 against 1.80; scripts/probe_kernels.py
@@ -153,11 +153,13 @@ class FoldedCrossAttention:
 
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, **kwargs) -> Tensor:  # fmt: skip
-        length = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        q_proj = out_proj = None
-        if length is not None and attn.heads * padded_length(length) <= self.max_columns and hidden_states.ndim == 3:
-            q_proj, out_proj = _effective_linear(attn.to_q), _effective_linear(attn.to_out[0])
-        if q_proj is None or out_proj is None or (attention_mask is not None and attention_mask.ndim != 3):
+        # The longest caption folded: a multiple of KEY_MULTIPLE. One comparison, so that under torch.compile
+        # longer captions keep a single graph for diffusers' processor (padded_length would add a guard per multiple).
+        longest = self.max_columns // attn.heads // KEY_MULTIPLE * KEY_MULTIPLE
+        foldable = encoder_hidden_states is not None and encoder_hidden_states.shape[1] <= longest
+        foldable = foldable and hidden_states.ndim == 3 and (attention_mask is None or attention_mask.ndim == 3)
+        q_proj, out_proj = (_effective_linear(attn.to_q), _effective_linear(attn.to_out[0])) if foldable else (None, None)
+        if q_proj is None or out_proj is None:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)  # (B, L, H D)
         out = folded_cross_attention(hidden_states, k, v, attention_mask, q_proj, out_proj, attn.heads,
@@ -168,10 +170,8 @@ class FoldedCrossAttention:
 def fold_cross_attention(model: nn.Module, max_columns: int = MAX_COLUMNS) -> int:
     """Give every block's cross-attention (attn2) the folded processor. Returns how many were changed."""
     attns = [block.attn2 for block in transformer_blocks(model) if getattr(block, "attn2", None) is not None]
-    for attn in attns:  # all checked before any is changed
-        plain = attn.norm_q is None and attn.norm_k is None and attn.spatial_norm is None and attn.group_norm is None
-        if not plain or attn.residual_connection or attn.rescale_output_factor != 1.0 or attn.norm_cross:
-            raise ValueError("FoldedCrossAttention supports PixArt's plain cross-attention only")
+    if not all(plain_attention(attn) and not attn.norm_cross for attn in attns):  # all checked before any is changed
+        raise ValueError("FoldedCrossAttention supports PixArt's plain cross-attention only")
     attns = [attn for attn in attns if not isinstance(attn.processor, FoldedCrossAttention)]
     for attn in attns:
         attn.set_processor(FoldedCrossAttention(attn.processor, max_columns))

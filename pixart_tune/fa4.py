@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .lora_fused import joint_projection
-from .speed import transformer_blocks
+from .speed import plain_attention, transformer_blocks
 
 HEAD_MULTIPLE = 32  # pad heads to this when the dq check fails (see the module docstring)
 
@@ -311,8 +311,7 @@ def use_fa4(model: nn.Module, kernel=_fa4, pad_multiple: int | None = None) -> i
     pad_multiple = HEAD_MULTIPLE if pad_multiple is None else pad_multiple
     for block in blocks:
         attn = block.attn1
-        plain = attn.norm_q is None and attn.norm_k is None and attn.spatial_norm is None and attn.group_norm is None
-        if not plain or attn.residual_connection or attn.rescale_output_factor != 1.0:
+        if not plain_attention(attn):
             raise ValueError("FA4SelfAttention supports PixArt's plain self-attention only")
         attn.set_processor(FA4SelfAttention(kernel, pad_multiple))
     return len(blocks)

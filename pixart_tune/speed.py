@@ -34,6 +34,13 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError("no transformer_blocks found: not a PixArt transformer")
 
 
+def plain_attention(attn: nn.Module) -> bool:
+    """Whether a diffusers Attention is PixArt's plain kind (no q/k, spatial or group norms, no residual
+    connection, no output rescaling): what the processors of fa4.py and cross_attention.py implement."""
+    norms = (attn.norm_q, attn.norm_k, attn.spatial_norm, attn.group_norm)
+    return all(n is None for n in norms) and not attn.residual_connection and attn.rescale_output_factor == 1.0
+
+
 def apply_compile(model: nn.Module, mode: str) -> nn.Module:
     """'none' | 'regional' (each block, in place) | 'full' (the whole model). Returns the model to call."""
     if mode != "none":

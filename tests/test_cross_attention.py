@@ -159,3 +159,10 @@ def test_folded_on_cuda_is_as_close_to_fp32_as_sdpa():
 
     for k in want:
         assert err(folded, k) < max(2 * err(plain, k), 1e-3), (k, err(folded, k), err(plain, k))
+
+
+def test_padded_length_rounds_up_to_the_key_multiple():
+    from pixart_tune.cross_attention import KEY_MULTIPLE, padded_length
+
+    assert [padded_length(n) for n in (1, KEY_MULTIPLE, KEY_MULTIPLE + 1, 64, 65)] == [
+        KEY_MULTIPLE, KEY_MULTIPLE, 2 * KEY_MULTIPLE, 64, 64 + KEY_MULTIPLE]  # fmt: skip
