@@ -118,6 +118,9 @@ def write_photos(folder: Path, n: int, size: int) -> Path:
     return folder
 
 
+FULL = ("train.method=full", "train.lr=1e-5")  # recipe overrides of every full fine-tune row
+
+
 # ---------------------------------------------------------------------------------------------
 # Ours: the trainer itself
 
@@ -323,7 +326,7 @@ def run_sections(args, work: Path) -> dict:
     if "fp8" in want and (smoke or torch.cuda.get_device_capability() >= (9, 0)):
         ours("lora_fp8", base, data, res, [*fast, "train.fp8=true"])  # frozen base linears in FP8
     if "full" in want:
-        ours("full", base, data, res, [*fast, "train.method=full", "train.lr=1e-5"])
+        ours("full", base, data, res, [*fast, *FULL])
     fa4_missing = not fa4_installed()
     if want & {"fa4", "fa4_variants"} and not smoke and fa4_missing:
         out["skipped"] = {"fa4": "flash-attn-4 is not installed (pip install -e '.[fa4]')"}
@@ -334,9 +337,9 @@ def run_sections(args, work: Path) -> dict:
         ours("lora_fa4_peft", base, data, res, [*fa4, "train.fused_lora=false"])  # peft's own LoRA forward
         with triton_lora_off():  # the adapter summed by two cuBLAS GEMMs, not lowrank_triton's one kernel
             ours("lora_fa4_cublas_pair", base, data, res, fa4)
-        ours("full_fa4", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5"])
+        ours("full_fa4", base, data, res, [*fa4, *FULL])
     if "adamw" in want and not smoke and not fa4_missing:  # fused against foreach AdamW, full fine-tune, ABBA
-        full = [*fa4, "train.method=full", "train.lr=1e-5"]
+        full = [*fa4, *FULL]
         ours("full_fa4_warmup", base, data, res, full)  # a process's first full fine-tune runs slower: not counted
         for name in ("fused", "foreach", "foreach_2", "fused_2"):
             with adamw_foreach() if name.startswith("foreach") else contextlib.nullcontext():
@@ -349,8 +352,8 @@ def run_sections(args, work: Path) -> dict:
             ours("lora_fa4_fp8_folded", base, data, res, [*fa4, "train.fp8=true"])
             ours("lora_fa4_fp8_unfolded", base, data, res, [*fa4, "train.fp8=true", off])
         if "fold_full" in want:
-            ours("full_fa4_unfolded", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5", off])
-            ours("full_fa4_folded", base, data, res, [*fa4, "train.method=full", "train.lr=1e-5"])
+            ours("full_fa4_unfolded", base, data, res, [*fa4, *FULL, off])
+            ours("full_fa4_folded", base, data, res, [*fa4, *FULL])
     if "fa4_variants" in want and not smoke and not fa4_missing:
         with fa4_heads_padded():  # what runs where flash-attn-4's dq check fails: heads zero-padded to 96
             ours("lora_fa4_padded", base, data, res, fa4)
@@ -358,10 +361,10 @@ def run_sections(args, work: Path) -> dict:
     if "lora512" in want:
         ours("lora512", base512, data512, 512 if not smoke else 256, [*fast])
     if "full512" in want:
-        ours("full512", base512, data512, 512 if not smoke else 256, [*fast, "train.method=full", "train.lr=1e-5"])
+        ours("full512", base512, data512, 512 if not smoke else 256, [*fast, *FULL])
     if "memory" in want:
         ours("lora_bs1_ckpt", base, data, res, [*fast, "train.batch_size=1", "train.gradient_checkpointing=true"])
-        ours("full_recipe_24g", base, data, res, [*fast, "train.method=full", "train.lr=1e-5", "train.batch_size=2",
+        ours("full_recipe_24g", base, data, res, [*fast, *FULL, "train.batch_size=2",
                                                  "train.gradient_checkpointing=true", "train.optimizer=adamw8bit"])  # fmt: skip
     if "baselines" in want:
         n = max(2, steps // 4)
@@ -481,7 +484,7 @@ PROFILES = {
     "profile_lora": (),
     "profile_fp8": ("train.fp8=true",),
     "profile_fa4": ("train.attention=fa4",),
-    "profile_full_fa4": ("train.attention=fa4", "train.method=full", "train.lr=1e-5"),
+    "profile_full_fa4": ("train.attention=fa4", *FULL),
 }
 
 
