@@ -95,7 +95,8 @@ def _effective_linear(layer: nn.Module) -> tuple[Tensor, Tensor | None] | None:
     weight = base.weight.float()
     if name is not None:
         lora_b, lora_a = layer.lora_B[name].weight.float(), layer.lora_A[name].weight.float()
-        weight = weight + layer.scaling[name] * (lora_b @ lora_a)  # (C_out, r) @ (r, C_in)
+        with torch.autocast(weight.device.type, enabled=False):  # the processor runs under autocast: keep fp32
+            weight = weight + layer.scaling[name] * (lora_b @ lora_a)  # (C_out, r) @ (r, C_in)
     return weight, None if base.bias is None else base.bias.float()
 
 

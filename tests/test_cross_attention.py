@@ -166,3 +166,17 @@ def test_padded_length_rounds_up_to_the_key_multiple():
 
     assert [padded_length(n) for n in (1, KEY_MULTIPLE, KEY_MULTIPLE + 1, 64, 65)] == [
         KEY_MULTIPLE, KEY_MULTIPLE, 2 * KEY_MULTIPLE, 64, 64 + KEY_MULTIPLE]  # fmt: skip
+
+
+def test_folded_lora_weight_is_built_in_fp32_under_autocast(tiny_base):
+    from pixart_tune.cross_attention import _effective_linear
+
+    model = tiny_lora(tiny_base, targets="attention+ff")
+    fuse_lora_linears(model)
+    layer = transformer_blocks(model)[0].attn2.to_q
+    name = layer.active_adapters[0]
+    want = layer.base_layer.weight + layer.scaling[name] * (layer.lora_B[name].weight @ layer.lora_A[name].weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer calls the processor
+        weight, _ = _effective_linear(layer)
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(weight, want, rtol=1e-6, atol=1e-7)
