@@ -64,6 +64,15 @@ def tiny_forward(transformer, seed: int = 1, width: int = 16, grad: bool = False
         ).sample  # fmt: skip
 
 
+def tiny_out_and_grads(model, seed: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """tiny_forward's output and, after a backward of its mean square, every trainable parameter's
+    gradient by name (the gradients are zeroed first)."""
+    model.zero_grad()
+    out = tiny_forward(model, seed, grad=True)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def tiny_lora(tiny_base, **settings):
     """The tiny transformer with a rank-4 LoRA (LoraConfig `settings` on top of rank 4, no dropout)
     whose B matrices are non-zero, so the adapter changes the output (peft starts with B = 0)."""

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_forward, tiny_lora
+from conftest import tiny_forward, tiny_lora, tiny_out_and_grads
 
 from pixart_tune.cross_attention import FoldedCrossAttention, fold_cross_attention
 from pixart_tune.lora_fused import fuse_lora_linears
@@ -15,16 +15,9 @@ from pixart_tune.speed import transformer_blocks
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _out_and_grads(model, seed=1):
-    model.zero_grad()
-    out = tiny_forward(model, seed, grad=True)
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _assert_same_training(plain, folded, rtol=1e-4):
-    ref_out, ref_grads = _out_and_grads(plain)
-    out, grads = _out_and_grads(folded)
+    ref_out, ref_grads = tiny_out_and_grads(plain)
+    out, grads = tiny_out_and_grads(folded)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert grads.keys() == ref_grads.keys()
     for n in grads:
@@ -98,8 +91,8 @@ def test_folded_under_bf16_autocast_is_close_and_keeps_fp32_grads(tiny_base):
     folded = copy.deepcopy(plain)
     fold_cross_attention(folded)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_out, ref_grads = _out_and_grads(plain)
-        out, grads = _out_and_grads(folded)
+        ref_out, ref_grads = tiny_out_and_grads(plain)
+        out, grads = tiny_out_and_grads(folded)
     assert ((out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item() < 2e-2
     for n in grads:
         assert grads[n].dtype == torch.float32

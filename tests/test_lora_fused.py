@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_forward, tiny_lora
+from conftest import tiny_forward, tiny_lora, tiny_out_and_grads
 from torch import nn
 
 from pixart_tune.lora_fused import fuse_lora_linears, gemm_plus_lowrank, joint_projection, lora_linear
@@ -49,13 +49,6 @@ def test_lora_linear_under_bf16_autocast_is_close_and_keeps_fp32_grads():
     assert a.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
 
 
-def _loss_and_grads(model, seed=1):
-    model.zero_grad()
-    out = tiny_forward(model, seed, grad=True)
-    out.square().mean().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _lora_linears(model) -> int:
     from peft.tuners.lora.layer import Linear
 
@@ -72,8 +65,8 @@ def pair(tiny_base):
 def test_fused_model_matches_peft_outputs_and_gradients(pair):
     plain, fused, changed = pair
     assert changed == _lora_linears(plain) > 0
-    ref_out, ref_grads = _loss_and_grads(plain)
-    out, grads = _loss_and_grads(fused)
+    ref_out, ref_grads = tiny_out_and_grads(plain)
+    out, grads = tiny_out_and_grads(fused)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     assert grads.keys() == ref_grads.keys() and any("lora_A" in n for n in grads)
     for n in grads:
@@ -108,7 +101,7 @@ def test_disabled_adapter_and_dropout_fall_back_to_peft(pair, tiny_base):
     fused_dropped = copy.deepcopy(dropped)
     fuse_lora_linears(fused_dropped)
     dropped.eval(), fused_dropped.eval()  # dropout off in eval: peft's path, same result
-    torch.testing.assert_close(_loss_and_grads(fused_dropped)[0], _loss_and_grads(dropped)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiny_out_and_grads(fused_dropped)[0], tiny_out_and_grads(dropped)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_trainable_base_weight_falls_back_to_peft(pair):
@@ -116,8 +109,8 @@ def test_a_trainable_base_weight_falls_back_to_peft(pair):
     plain, fused = copy.deepcopy(plain), copy.deepcopy(fused)
     for model in (plain, fused):
         model.base_model.model.transformer_blocks[0].attn1.to_q.base_layer.weight.requires_grad_(True)
-    ref_out, ref_grads = _loss_and_grads(plain)
-    out, grads = _loss_and_grads(fused)
+    ref_out, ref_grads = tiny_out_and_grads(plain)
+    out, grads = tiny_out_and_grads(fused)
     name = next(n for n in grads if "transformer_blocks.0.attn1.to_q.base_layer.weight" in n)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6)
@@ -234,8 +227,8 @@ def test_the_fa4_processor_runs_the_lora_projections_jointly(pair, monkeypatch):
     joined = []
     monkeypatch.setattr(fa4, "joint_projection", lambda x, layers: joined.append(
         out := joint_projection(x, layers)) or out)  # fmt: skip
-    ref_out, ref_grads = _loss_and_grads(plain)
-    out, grads = _loss_and_grads(fast)
+    ref_out, ref_grads = tiny_out_and_grads(plain)
+    out, grads = tiny_out_and_grads(fast)
     blocks = len(fast.base_model.model.transformer_blocks)
     assert len(joined) == blocks and all(t is not None for t in joined)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
