@@ -12,6 +12,7 @@ self-attention. `auto` (the default) picks the fastest of these that this machin
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import torch._dynamo
@@ -41,18 +42,36 @@ def plain_attention(attn: nn.Module) -> bool:
     return all(n is None for n in norms) and not attn.residual_connection and attn.rescale_output_factor == 1.0
 
 
+def compile_options(device: torch.device) -> dict:
+    """Inductor options for compiling the training step on `device` (scoped to our compiled modules).
+
+    On Hopper and newer, Programmatic Dependent Launch (`triton.enable_pdl`, off in Inductor by default):
+    each of Inductor's kernels may be launched while the one before it drains, and waits for it inside
+    the kernel, before its first dependent load. That trims the launch gaps between the step's many
+    short kernels: +0.3 to +0.7% a step at 1024 px on H100s (README, Performance). Setting
+    TORCHINDUCTOR_ENABLE_PDL in the environment (=0 turns it off) leaves the choice to Inductor.
+    """
+    import torch._inductor.config as inductor
+
+    if device.type != "cuda" or torch.version.hip is not None or "TORCHINDUCTOR_ENABLE_PDL" in os.environ:
+        return {}
+    if not hasattr(inductor.triton, "enable_pdl"):  # an older torch: the option does not exist
+        return {}
+    return {"triton.enable_pdl": True} if torch.cuda.get_device_capability(device) >= (9, 0) else {}
+
+
 def apply_compile(model: nn.Module, mode: str) -> nn.Module:
     """'none' | 'regional' (each block, in place) | 'full' (the whole model). Returns the model to call."""
-    if mode != "none":
-        # Every aspect-ratio bucket is a new shape; the default limit (8) would fall back to eager.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if mode == "none":
+        return model
+    # Every aspect-ratio bucket is a new shape; the default limit (8) would fall back to eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    options = compile_options(next(model.parameters()).device) or None
     if mode == "regional":
         for block in transformer_blocks(model):
-            block.compile()
+            block.compile(options=options)
         return model
-    if mode == "full":
-        return torch.compile(model)
-    return model
+    return torch.compile(model, options=options)
 
 
 def resolve_attention(preference: str, device) -> str:

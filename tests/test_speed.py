@@ -123,3 +123,29 @@ def test_auto_attention_picks_the_fastest_this_machine_has(monkeypatch, capabili
     assert resolve_attention("auto", "cuda") == want
     assert resolve_attention("cudnn", "cuda") == "cudnn" and resolve_attention("flash", "cuda") == "flash"
     assert resolve_attention("auto", "cpu") == "auto"  # SDPA's own choice off CUDA
+
+
+def test_compile_options_ask_for_pdl_on_hopper_only(monkeypatch):
+    """PDL is asked for on CUDA devices of compute capability 9.0+, never on a CPU or older GPUs, and
+    an explicit TORCHINDUCTOR_ENABLE_PDL in the environment is left to Inductor."""
+    from pixart_tune.speed import compile_options
+
+    monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
+    assert compile_options(torch.device("cpu")) == {}
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert compile_options(torch.device("cuda", 0)) == {"triton.enable_pdl": True}
+    capability["value"] = (8, 0)
+    assert compile_options(torch.device("cuda", 0)) == {}
+    capability["value"] = (10, 0)
+    monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "0")
+    assert compile_options(torch.device("cuda", 0)) == {}
+
+
+def test_compile_takes_the_pdl_option():
+    """The option we pass is one this torch's Inductor knows (an unknown key fails the compile); on a CPU
+    its codegen leaves PDL out and the result is unchanged."""
+    compiled = torch.compile(lambda x: torch.nn.functional.gelu(x * 2 + 1), options={"triton.enable_pdl": True})
+    x = torch.randn(64, 48)
+    torch.testing.assert_close(compiled(x), torch.nn.functional.gelu(x * 2 + 1))
