@@ -6,7 +6,8 @@ of whole-model compile (shared/PERF.md). The attention preference puts a kernel 
 priority list: at 1024 px, cuDNN's fused attention runs PixArt's self-attention (head dim 72) much
 faster than flash or memory-efficient attention on Hopper. `fa4` (fa4.py) goes further for the
 self-attention. `auto` (the default) picks the fastest of these that this machine has
-(`resolve_attention`).
+(`resolve_attention`). On Hopper the compiled blocks also use Inductor's Programmatic Dependent
+Launch (`compile_options`).
 """
 
 from __future__ import annotations
