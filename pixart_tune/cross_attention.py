@@ -17,7 +17,7 @@ the attention kernel; their backward is four of width H L. Captions are padded o
 in the batch (features.py), so for short ones H L is small: 16 x 20 = 320. On an H100 at batch 8,
 1024 px, one layer's forward and backward then take 0.71 ms against 1.78 for diffusers' processor
 (cuDNN attention, fused LoRA linears), and the two break even near 80 tokens, where H L = 1280
-(scripts/probe_kernels.py cross-attention-fold; README, Performance). So the processor folds up to
+(scripts/probe_kernels.py cross-attention-fold; scripts/results/NOTES.md). So the processor folds up to
 `max_columns` (64 tokens) and runs diffusers' processor for longer captions.
 
 The fold is exact maths; only the rounding moves (bf16 k' instead of bf16 q). The scores and their

@@ -11,7 +11,7 @@ them in float8_e4m3fn with one fp32 scale per row, the adapter's low-rank term a
 Each GEMM wants its own copy of W, scaled along the dimension it keeps. x and dy are quantised on the
 fly; under torch.compile that fuses into the kernel that produces them, where that kernel is one of
 Inductor's (a norm, a GELU, a gated residual). So fp8 is attached only where that holds and it pays,
-per direction (FP8_LAYERS, measured on an H100: README, Performance): the self-attention's q/k/v
+per direction (FP8_LAYERS, measured on an H100: scripts/results/NOTES.md): the self-attention's q/k/v
 forward (their input is norm1's output; the input gradient comes from the attention kernel) and both
 directions of the feed-forward, which lora_ff.py runs as one function so that its 4608-wide rows take
 bounds as scales instead of row maxima. The bf16 weights stay: merging, saving and peft's own forward are

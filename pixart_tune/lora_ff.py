@@ -3,7 +3,7 @@
 The feed-forward is up (1152 -> 4608), tanh GELU, down (4608 -> 1152). With fp8 copies on both
 linears (fp8.py) the down-projection's forward quantises g = gelu(h) and the up-projection's input
 gradient quantises dh = gelu'(h) dg, both rows 4608 wide. Scaled by their own row maxima, Inductor
-reads those rows twice and spends what the fp8 GEMM saves (README, Performance). Here the scales come
+reads those rows twice and spends what the fp8 GEMM saves (scripts/results/NOTES.md). Here the scales come
 from bounds the GEMM before already knows, so the quantisation is elementwise and fuses into the GELU
 (forward) and its gradient (backward):
 

@@ -16,7 +16,7 @@ with beta = 1), and the backward is written out, keeping only x itself and the (
 Both sums are one opaque operator (`gemm_plus_lowrank`): the small GEMM allocates the output and the
 base GEMM accumulates into it in place (`addmm_`, beta = 1); on Hopper one Triton kernel does both.
 Left to torch.compile, an out-of-place `addmm` with a full C first copies C into a fresh output: 32 ms
-a step of device-to-device copies at batch 8, 1024 px on an H100 (README, Performance).
+a step of device-to-device copies at batch 8, 1024 px on an H100 (scripts/results/NOTES.md).
 
 The result equals peft's up to rounding (one bf16 rounding of the sum instead of two); tests compare
 the two on the tiny model. Engaged only where it is exactly vanilla LoRA: one active adapter, not

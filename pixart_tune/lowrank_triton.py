@@ -189,7 +189,7 @@ def wanted_scaled(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Ten
                   groups: int = 1) -> bool:  # fmt: skip
     """Whether this kernel takes `gemm_scaled_plus_lowrank(...)`: the shared checks (_fits), float8_e4m3fn
     x (M, K) and w (N, K) both row-major (fp8 wgmma reads both K-major), contiguous fp32 scales, a 16-bit
-    low-rank term. Any K: at K = 4608 this fp8 mainloop still beats cuBLAS's (README, Performance)."""
+    low-rank term. Any K: at K = 4608 this fp8 mainloop still beats cuBLAS's (scripts/results/NOTES.md)."""
     (m, k), n = x.shape, w.shape[0]
     if k % 16 or not _fits(x, n, h, groups) or h.dtype not in (torch.bfloat16, torch.float16):
         return False

@@ -1,4 +1,5 @@
-"""Kernel probes behind the README's "What bounds the training step" (GPU only; not benchmarks of ours).
+"""Kernel probes behind the README's "What bounds the training step" and scripts/results/NOTES.md
+(GPU only; not benchmarks of ours).
 
     python scripts/probe_kernels.py lora-gemms [--out F]   # one LoRA linear's GEMMs, three ways
     python scripts/probe_kernels.py fa4-tiles [--out F]    # flash-attn-4's SM90 tile configs at d = 72
