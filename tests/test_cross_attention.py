@@ -85,14 +85,16 @@ def test_long_captions_and_unfoldable_layers_run_the_plain_processor_unchanged(t
             assert torch.equal(out, ref)  # the very same kernels
 
 
-def test_folded_under_bf16_autocast_is_close_and_keeps_fp32_grads(tiny_base):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_folded_under_autocast_is_close_and_keeps_fp32_grads(tiny_base, dtype):
     plain = tiny_lora(tiny_base, targets="attention+ff")
     fuse_lora_linears(plain)
     folded = copy.deepcopy(plain)
     fold_cross_attention(folded)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         ref_out, ref_grads = tiny_out_and_grads(plain)
         out, grads = tiny_out_and_grads(folded)
+    assert out.dtype == ref_out.dtype == dtype  # the matmuls ran in the autocast dtype
     assert ((out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item() < 2e-2
     for n in grads:
         assert grads[n].dtype == torch.float32
