@@ -116,9 +116,10 @@ def test_fold_refuses_a_cross_attention_it_cannot_represent(tiny_base):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_folded_on_cuda_is_as_close_to_fp32_as_sdpa():
-    """PixArt's attn2 sizes (16 heads of 72), bf16 autocast, fused rank-16 LoRAs: the folded processor
-    (fp32 scores from cuBLAS) against an fp32 reference, no further from it than diffusers' processor."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_folded_on_cuda_is_as_close_to_fp32_as_sdpa(dtype):
+    """PixArt's attn2 sizes (16 heads of 72), bf16 or fp16 autocast, fused rank-16 LoRAs: the folded
+    processor (fp32 scores from cuBLAS) against an fp32 reference, no further from it than diffusers'."""
     from diffusers.models.attention_processor import Attention
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -130,15 +131,15 @@ def test_folded_on_cuda_is_as_close_to_fp32_as_sdpa():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
     fuse_lora_linears(attn)
-    attn = attn.to("cuda", torch.bfloat16).float()  # bf16-representable weights: the reference sees the same ones
+    attn = attn.to("cuda", dtype).float()  # weights representable in dtype: the reference sees the same ones
     x, ctx, dout = (torch.randn(*shape, device="cuda") for shape in ((2, 512, 1152), (2, 19, 1152), (2, 512, 1152)))
     mask = torch.zeros(2, 1, 19, device="cuda")
     mask[1, :, 11:] = -10000.0  # the second caption keeps 11 tokens
 
-    def run(bf16: bool) -> dict:
+    def run(low_precision: bool) -> dict:
         attn.zero_grad()
         xi = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cuda", dtype=dtype, enabled=low_precision):
             out = attn(xi, encoder_hidden_states=ctx, attention_mask=mask)
         out.float().backward(dout)
         grads = {n: p.grad.clone() for n, p in attn.named_parameters() if p.grad is not None}
