@@ -326,9 +326,8 @@ def cross_attention_fold(batch: int = 8, queries: int = 4096, width: int = 1152,
 def _fold_row(attn, x: torch.Tensor, keys: int, method: str) -> dict:
     import copy
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from pixart_tune.cross_attention import FoldedCrossAttention
+    from pixart_tune.speed import attention_context
 
     batch, _, width = x.shape
     ctx = torch.randn(batch, keys, width, device="cuda", dtype=torch.bfloat16)
@@ -341,7 +340,6 @@ def _fold_row(attn, x: torch.Tensor, keys: int, method: str) -> dict:
                           x32, dout.float())  # fmt: skip
     plain = attn.processor
     row = {"method": method, "keys": keys, "columns": attn.heads * keys}
-    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     for name, processor in (("sdpa", plain), ("folded", FoldedCrossAttention(plain, max_columns=10**9))):
         torch._dynamo.reset()  # static shapes for each row, as the trainer's padded caption lengths give the fold
         attn.set_processor(processor)
@@ -350,7 +348,7 @@ def _fold_row(attn, x: torch.Tensor, keys: int, method: str) -> dict:
         def call(forward=forward):
             return forward(x, encoder_hidden_states=ctx, attention_mask=mask)
 
-        with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(backends, set_priority=True):
+        with torch.autocast("cuda", dtype=torch.bfloat16), attention_context("cudnn"):  # the trainer's SDPA order
             got = _out_and_grads(attn, call, x, dout)
             row[f"{name}_max_rel_err_vs_fp32"] = {k: rel_err(got[k], want[k]) for k in want}
             row[f"{name}_wall_ms"] = timed(lambda call=call: call().backward(dout))
