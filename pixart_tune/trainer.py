@@ -177,6 +177,17 @@ def _check_distributed(accelerator, cfg: Config) -> bool:
     return True
 
 
+def _forget_earlier_runs_settings() -> None:
+    """accelerate keeps one AcceleratorState per process and refuses an Accelerator whose settings
+    differ from it, so a second train() in a process (a notebook, the benchmark) with another
+    mixed_precision would fail. Each run's settings are its own: drop the earlier run's (the
+    process group, in PartialState, stays). accelerate has no public call for this."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
 def _init_trackers(accelerator, cfg: Config) -> None:
     if cfg.train.log_with == "tensorboard":
         flat = {f"{s}.{k}": str(v) for s, d in cfg.dump().items() if isinstance(d, dict) for k, v in d.items()}
@@ -197,6 +208,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     if t.mixed_precision == "fp16":
         warnings.warn("fp16 trains with loss scaling but PixArt is prone to overflow in fp16; prefer bf16", stacklevel=2)
     tensorboard = t.log_with == "tensorboard"
+    _forget_earlier_runs_settings()
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
         # DDP: gradients live in its all-reduce buckets instead of being copied into and out of them

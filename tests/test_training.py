@@ -401,3 +401,13 @@ def test_fp8_where_there_are_no_fp8_matmuls_warns_and_still_trains(tmp_path, cac
         final = train(RECIPE, _overrides(tmp_path / "run", cache_dir, "train.steps=2", "train.fp8=true"),
                       show_progress=False)  # fmt: skip
     assert (final / "adapter_model.safetensors").is_file()
+
+
+def test_a_second_run_in_the_process_may_change_mixed_precision(tmp_path, cache_dir):
+    """accelerate keeps its settings per process; each train() call starts from its own."""
+    from pixart_tune import train
+
+    for precision in ("bf16", "no"):
+        final = train(RECIPE, _overrides(tmp_path / precision, cache_dir, "train.steps=1",
+                                         f"train.mixed_precision={precision}"), show_progress=False)  # fmt: skip
+        assert (final / "adapter_model.safetensors").is_file()
