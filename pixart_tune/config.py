@@ -110,6 +110,9 @@ class TrainConfig(_Section):
     # (cross_attention.py; the same maths): much less work for captions up to 64 tokens, where it is
     # used; longer ones run diffusers' attention as with false.
     fold_cross_attention: bool = True
+    # With bf16 mixed precision: the blocks' residual stream stays bf16 where fp32 adaLN tables (full
+    # fine-tunes, fp32-weight LoRA) would make it fp32 (stream.py); the tables' masters stay fp32.
+    bf16_stream: bool = True
     log_every: int = Field(10, ge=1)
     log_with: Literal["tensorboard", "none"] = "tensorboard"
 

@@ -123,6 +123,10 @@ def prepare_model(cfg: Config, base: str):
         from .cross_attention import fold_cross_attention
 
         fold_cross_attention(model)
+    if t.bf16_stream and t.mixed_precision == "bf16":
+        from .stream import use_bf16_stream
+
+        use_bf16_stream(model)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
