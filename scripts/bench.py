@@ -338,6 +338,12 @@ def run_sections(args, work: Path) -> dict:
         with triton_lora_off():  # the adapter summed by two cuBLAS GEMMs, not lowrank_triton's one kernel
             ours("lora_fa4_cublas_pair", base, data, res, fa4)
         ours("full_fa4", base, data, res, [*fa4, *FULL])
+    if "headline" in want and not smoke and not fa4_missing:  # the README's main rows; full fine-tunes A B A
+        ours("lora_fa4", base, data, res, fa4)
+        ours("lora_fa4_fp8", base, data, res, [*fa4, "train.fp8=true"])
+        ours("full_fa4", base, data, res, [*fa4, *FULL])
+        ours("full_fa4_fp32_stream", base, data, res, [*fa4, *FULL, "train.bf16_stream=false"])
+        ours("full_fa4_2", base, data, res, [*fa4, *FULL])
     if "adamw" in want and not smoke and not fa4_missing:  # fused against foreach AdamW, full fine-tune, ABBA
         full = [*fa4, *FULL]
         ours("full_fa4_warmup", base, data, res, full)  # a process's first full fine-tune runs slower: not counted
@@ -396,6 +402,8 @@ def print_table(r: dict) -> None:
             ("ours: LoRA, fa4, heads padded to 96", "lora_fa4_padded", "lora", r["resolution"]),
             ("ours: LoRA, fa4 + fp8", "lora_fa4_fp8", "lora", r["resolution"]),
             ("ours: full fine-tune, fa4", "full_fa4", "full", r["resolution"]),
+            ("ours: full, fa4, fp32 residual stream", "full_fa4_fp32_stream", "full", r["resolution"]),
+            ("ours: full fine-tune, fa4, again", "full_fa4_2", "full", r["resolution"]),
             ("ours: LoRA r16, 512 px", "lora512", "lora", 512), ("ours: full fine-tune, 512 px", "full512", "full", 512),
             ("ours: LoRA, batch 1, grad ckpt", "lora_bs1_ckpt", "lora", r["resolution"]),
             ("ours: full, recipe (ckpt, 8-bit AdamW)", "full_recipe_24g", "full", r["resolution"]),
@@ -565,7 +573,7 @@ def main(argv=None) -> int:
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
     p.add_argument("--profile", action="store_true", help="GPU time of the training step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: cache lora fp8 full fa4 adamw fold fold_full fa4_variants lora512 full512 memory baselines inference; "
+                   help="sections: cache lora fp8 full fa4 headline adamw fold fold_full fa4_variants lora512 full512 memory baselines inference; "
                         "with --profile: lora fp8 fa4 full_fa4; with --multi-gpu: lora full fsdp")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

@@ -7,6 +7,7 @@
     python scripts/probe_kernels.py cross-attention [--out F]  # masked text cross-attention: SDPA vs FA4
     python scripts/probe_kernels.py fp8-gemms [--out F]    # train.fp8's GEMMs and quantisation costs
     python scripts/probe_kernels.py cross-attention-fold [--out F]  # attn2 folded (cross_attention.py) vs SDPA
+    python scripts/probe_kernels.py linear-gemm-layouts [--out F]  # a trainable linear's GEMMs in each layout
 
 lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
 GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
@@ -25,6 +26,12 @@ cross-attention-fold: one block's whole cross-attention module (diffusers' Atten
 q/k/v/out projections with fused rank-16 LoRAs, or plain trainable linears for a full fine-tune),
 forward and backward under torch.compile, at batch 8 and 1024 px over 10-120 caption tokens: diffusers'
 processor (SDPA, cuDNN first) against cross_attention.FoldedCrossAttention. Sets its MAX_COLUMNS.
+
+linear-gemm-layouts: a trainable linear's GEMMs at PixArt's shapes (M = 32768 tokens; q/k/v, out, FF
+up, FF down): the forward x W^T + b, and each backward GEMM in both layouts that give the same product,
+dx as dy W (autograd's) and as dy (W^T)^T from a transposed copy, dW as dy^T x (autograd's) and as
+(x^T dy)^T. Whether a full fine-tune would gain from choosing the layouts itself (NOTES.md, "What did
+not help").
 
 fa4-tiles: the self-attention (8 x 16 heads x 4096 tokens x 72) forward and backward under
 flash-attn-4's own tile choice and under others, by swapping its private `_tile_size_*_sm90`
@@ -359,6 +366,22 @@ def _fold_row(attn, x: torch.Tensor, keys: int, method: str) -> dict:
     return row
 
 
+def linear_gemm_layouts(m: int = 32768) -> list[dict]:
+    # (in, out): the joint q/k/v projection, the attention output, FF up, FF down
+    return [_layout_row(m, k, n) for k, n in ((1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152))]
+
+
+def _layout_row(m: int, k: int, n: int) -> dict:
+    x, dy = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    row = {"k": k, "n": n, "forward_ms": timed(lambda: torch.addmm(b, x, w.t())),
+           "dx_nn_ms": timed(lambda: dy @ w), "dx_nt_ms": timed(lambda: dy @ w.t().contiguous().t()),
+           "dw_dyT_x_ms": timed(lambda: dy.t() @ x), "dw_xT_dy_ms": timed(lambda: (x.t() @ dy).t())}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def _out_and_grads(module, call, x: torch.Tensor, dout: torch.Tensor) -> dict:
     """One forward and backward: the output, dx and the trainable parameters' gradients, by name."""
     module.zero_grad()
@@ -370,7 +393,8 @@ def _out_and_grads(module, call, x: torch.Tensor, dout: torch.Tensor) -> dict:
 
 
 PROBES = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton,
-          "cross-attention": cross_attention, "fp8-gemms": fp8_gemms, "cross-attention-fold": cross_attention_fold}  # fmt: skip
+          "cross-attention": cross_attention, "fp8-gemms": fp8_gemms, "cross-attention-fold": cross_attention_fold,
+          "linear-gemm-layouts": linear_gemm_layouts}  # fmt: skip
 
 
 def main(argv=None) -> int:
