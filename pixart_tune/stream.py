@@ -33,6 +33,7 @@ def bf16_stream_forward(
     encoder_attention_mask: torch.Tensor | None = None,
     timestep: torch.Tensor | None = None,  # (B, 6C) from the model's adaln_single
     cross_attention_kwargs: dict | None = None,
+    # unused by PixArt's blocks; kept so that diffusers' calls (gradient checkpointing's, positional) bind
     class_labels: torch.Tensor | None = None,
     added_cond_kwargs: dict | None = None,
 ) -> torch.Tensor:
