@@ -63,6 +63,20 @@ def test_under_bf16_autocast_the_stream_is_bf16_and_close(tiny_base):
     assert cos > 0.999
 
 
+def test_gradient_checkpointing_calls_bind(tiny_base):
+    """diffusers' gradient checkpointing calls each block with positional arguments: they bind to the
+    stream's forward, and the gradients are the plain model's."""
+    ref = _tiny_full(tiny_base)
+    model = _tiny_full(tiny_base)
+    use_bf16_stream(model)
+    model.enable_gradient_checkpointing()
+    ref_out, ref_grads = tiny_out_and_grads(ref)
+    out, grads = tiny_out_and_grads(model)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_other_blocks_are_left_alone(tiny_base):
     """A block that is not PixArt's plain kind (here: feed-forward chunking on) keeps diffusers' forward."""
     model = _tiny_full(tiny_base)
