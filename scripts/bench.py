@@ -14,6 +14,7 @@ and prints one table with ratios, the card and the software versions.
 
     python scripts/bench.py                      # on a GPU: everything (~10 min on an H100)
     python scripts/bench.py --smoke              # CPU, tiny kit, seconds: checks the script runs
+    python scripts/bench.py --only headline --work W   # the README's main rows; then --only baselines --work W
     python scripts/bench.py --multi-gpu          # 1 vs 2 processes through accelerate launch
 """
 
