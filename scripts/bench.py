@@ -26,6 +26,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,7 @@ def run_ours(base: Path, data: Path, cache: Path, work: Path, name: str, overrid
 
     free()
     run = work / name
+    shutil.rmtree(run, ignore_errors=True)  # a row run twice (sections sharing it) must not append to its metrics
     log_every = max(1, steps // 4)
     started = time.perf_counter()
     train(REPO / "recipes" / "tiny-lora.yaml", [
@@ -448,6 +450,7 @@ def multi_gpu(args, work: Path) -> dict:
     for method, n, sharding in variants:
         name = f"{method}-{sharding + '-' if sharding else ''}{n}gpu"
         run = work / f"mgpu-{name}"
+        shutil.rmtree(run, ignore_errors=True)  # a rerun with the same --work must not append to its metrics
         if sharding == "fsdp":
             launcher = ["--config_file", str(REPO / "recipes" / "accelerate" / "fsdp2.yaml"), "--num_processes", str(n)]
         else:
