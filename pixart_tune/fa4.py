@@ -211,6 +211,8 @@ class FA4SelfAttention:
     def __init__(self, kernel=_fa4, pad_multiple: int = HEAD_MULTIPLE):
         self.kernel = kernel  # tests pass an SDPA-based kernel to check the layout and padding on CPU
         self.pad_multiple = pad_multiple  # 1 = no padding
+        # the plain linears' product (F.linear's signature); quack_gemm.use_quack_gemms swaps in its own
+        self.linear = F.linear
 
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> Tensor:  # fmt: skip
@@ -218,12 +220,14 @@ class FA4SelfAttention:
             raise ValueError("FA4SelfAttention is for self-attention without a mask")
         b, n, _ = hidden_states.shape  # (B, N, C) tokens
         projections = (attn.to_q, attn.to_k, attn.to_v)
-        qkv = joint_projection(hidden_states, projections)  # (B, N, 3C), or None
+        qkv = joint_projection(hidden_states, projections, self.linear)  # (B, N, 3C), or None
         if qkv is None:
             qkv = torch.stack([proj(hidden_states) for proj in projections], dim=2)  # (B, N, 3, C)
         qkv = qkv.view(b, n, 3, attn.heads, -1)  # (B, N, 3, H, D)
         out = padded_attention(qkv, self.kernel, self.pad_multiple)  # (B, N, H, D)
-        out = attn.to_out[0](out.reshape(b, n, -1).to(qkv.dtype))
+        out = out.reshape(b, n, -1).to(qkv.dtype)  # (B, N, C)
+        proj = attn.to_out[0]
+        out = self.linear(out, proj.weight, proj.bias) if type(proj) is nn.Linear else proj(out)
         return attn.to_out[1](out)  # dropout (identity in PixArt)
 
 

@@ -299,7 +299,7 @@ def joinable(layer) -> tuple[nn.Linear, str | None] | None:
     return None if name is None else (layer.base_layer, name)
 
 
-def joint_projection(x: Tensor, layers) -> Tensor | None:
+def joint_projection(x: Tensor, layers, linear=F.linear) -> Tensor | None:
     """x through several linears of the same input at once: (..., N_1 + N_2 + ...), or None where one
     of them can't join (then call them one by one).
 
@@ -312,7 +312,8 @@ def joint_projection(x: Tensor, layers) -> Tensor | None:
     PixArt's q, k, v in bf16), so saving, merging and the optimizer see the usual separate layers.
 
     Joins: plain nn.Linear layers (a full fine-tune, or a frozen model), or fused vanilla LoRA layers
-    (fuse_lora_linears) mixed with frozen nn.Linear ones; biases all present or all absent.
+    (fuse_lora_linears) mixed with frozen nn.Linear ones; biases all present or all absent. `linear`
+    (F.linear's signature) runs the product where none has a LoRA (quack_gemm.quack_linear, say).
     """
     joined = [joinable(layer) for layer in layers]
     if any(j is None for j in joined):
@@ -324,7 +325,7 @@ def joint_projection(x: Tensor, layers) -> Tensor | None:
     weight = torch.cat([base.weight for base in bases])  # (ΣN_i, K)
     bias = None if bases[0].bias is None else torch.cat([base.bias for base in bases])  # (ΣN_i,)
     if not lora:
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
     a_parts, b_blocks = [], []
     for layer, base, name in zip(layers, bases, names):
         if name is None:  # a frozen layer without a LoRA: a zero-width block, zeros in its rows

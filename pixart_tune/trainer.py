@@ -127,6 +127,12 @@ def prepare_model(cfg: Config, base: str):
         from .stream import use_bf16_stream
 
         use_bf16_stream(model)
+    if t.quack_gemms and t.mixed_precision != "no":
+        from .quack_gemm import quack_runs_on, use_quack_gemms
+
+        if quack_runs_on(torch.device("cuda")) and use_quack_gemms(model):
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                print("train.quack_gemms: the blocks' feed-forward and FA4's projections run on quack's GEMMs")
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

@@ -347,6 +347,9 @@ def run_sections(args, work: Path) -> dict:
         ours("full_fa4", base, data, res, [*fa4, *FULL])
         ours("full_fa4_fp32_stream", base, data, res, [*fa4, *FULL, "train.bf16_stream=false"])
         ours("full_fa4_2", base, data, res, [*fa4, *FULL])
+    if "quack" in want and not smoke and not fa4_missing:  # train.quack_gemms off and on, full fine-tune, ABAB
+        for name in ("full_fa4_cublas", "full_fa4", "full_fa4_cublas_2", "full_fa4_2"):
+            ours(name, base, data, res, [*fa4, *FULL, *(["train.quack_gemms=false"] if "cublas" in name else [])])
     if "adamw" in want and not smoke and not fa4_missing:  # fused against foreach AdamW, full fine-tune, ABBA
         full = [*fa4, *FULL]
         ours("full_fa4_warmup", base, data, res, full)  # a process's first full fine-tune runs slower: not counted
@@ -407,6 +410,8 @@ def print_table(r: dict) -> None:
             ("ours: full fine-tune, fa4", "full_fa4", "full", r["resolution"]),
             ("ours: full, fa4, fp32 residual stream", "full_fa4_fp32_stream", "full", r["resolution"]),
             ("ours: full fine-tune, fa4, again", "full_fa4_2", "full", r["resolution"]),
+            ("ours: full, fa4, no quack GEMMs", "full_fa4_cublas", "full", r["resolution"]),
+            ("ours: full, fa4, no quack GEMMs, again", "full_fa4_cublas_2", "full", r["resolution"]),
             ("ours: LoRA r16, 512 px", "lora512", "lora", 512), ("ours: full fine-tune, 512 px", "full512", "full", 512),
             ("ours: LoRA, batch 1, grad ckpt", "lora_bs1_ckpt", "lora", r["resolution"]),
             ("ours: full, recipe (ckpt, 8-bit AdamW)", "full_recipe_24g", "full", r["resolution"]),
@@ -577,7 +582,7 @@ def main(argv=None) -> int:
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
     p.add_argument("--profile", action="store_true", help="GPU time of the training step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: cache lora fp8 full fa4 headline adamw fold fold_full fa4_variants lora512 full512 memory baselines inference; "
+                   help="sections: cache lora fp8 full fa4 headline quack adamw fold fold_full fa4_variants lora512 full512 memory baselines inference; "
                         "with --profile: lora fp8 fa4 full_fa4; with --multi-gpu: lora full fsdp")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

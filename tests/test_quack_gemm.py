@@ -1,0 +1,190 @@
+"""train.quack_gemms (quack_gemm.py): the feed-forward and projection functions against the plain modules.
+
+quack's kernels run only on Hopper GPUs. Elsewhere the four operators run their PyTorch maths, which
+checks everything of ours: the autograd functions' gradients and dtypes, the processor and
+feed-forward wiring, the operators' fake shapes under torch.compile, and the trainer's switch. The
+GPU test compares quack's kernels themselves with fp32.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, tiny_out_and_grads
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pixart_tune import quack_gemm
+from pixart_tune.fa4 import sdpa_attention, use_fa4
+from pixart_tune.quack_gemm import quack_linear, quack_runs_on, use_quack_gemms
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+OPS = ("quack_linear", "quack_input_grad", "quack_gelu_linear", "quack_gelu_input_grad")
+
+
+def _fast(tiny_base, quack: bool):
+    from diffusers import PixArtTransformer2DModel
+
+    model = PixArtTransformer2DModel.from_pretrained(tiny_base, subfolder="transformer").requires_grad_(True)
+    use_fa4(model, kernel=sdpa_attention, pad_multiple=1)
+    if quack:
+        assert use_quack_gemms(model) == 2 * len(model.transformer_blocks)  # each feed-forward and processor
+    return model
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the calls of our four operators."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "pixart_tune" and func._opname in OPS:
+            self.calls[func._opname] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_on_the_tiny_model_it_is_the_plain_models_maths(tiny_base):
+    """fp32, no autocast: with the feed-forwards and FA4's projections on the operators, the output and
+    every gradient are the plain modules' (the same products, in other calls); and every product of
+    those layers went through the operators, forward and backward."""
+    ref, model = _fast(tiny_base, quack=False), _fast(tiny_base, quack=True)
+    assert all(b.attn1.processor.linear is quack_linear for b in model.transformer_blocks)
+    assert use_quack_gemms(model) == 0  # installed once
+    ref_out, ref_grads = tiny_out_and_grads(ref)
+    with _OpCounter() as counter:
+        out, grads = tiny_out_and_grads(model)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # per block: forward q/k/v (joint), out and FF down, FF up with its GELU; backward the input
+    # gradients of q/k/v, out and FF up, and FF down's through the GELU
+    blocks = len(model.transformer_blocks)
+    assert counter.calls == {"quack_linear": 3 * blocks, "quack_gelu_linear": blocks,
+                             "quack_input_grad": 3 * blocks, "quack_gelu_input_grad": blocks}  # fmt: skip
+
+
+def test_under_bf16_autocast_fp32_masters_get_fp32_gradients(tiny_base):
+    """fp32 masters under CPU bf16 autocast, as a full fine-tune runs: the products run in bf16 (the
+    output is bf16, as autocast's linear gives it), the parameters' gradients come back fp32 and close
+    to the plain path's."""
+    ref, model = _fast(tiny_base, quack=False), _fast(tiny_base, quack=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_out, ref_grads = tiny_out_and_grads(ref)
+        out, grads = tiny_out_and_grads(model)
+    assert out.dtype == ref_out.dtype
+    assert (out.float() - ref_out.float()).abs().max() <= 0.02 * ref_out.float().abs().max()
+    for name in grads:
+        assert grads[name].dtype == torch.float32, name
+    flat = [torch.cat([g.flatten() for g in d.values()]) for d in (grads, ref_grads)]
+    assert F.cosine_similarity(*flat, dim=0) > 0.999
+
+
+def test_frozen_layers_get_no_weight_gradients():
+    """A frozen feed-forward (a LoRA run's, say): the input gets its gradient, the weights none."""
+    from diffusers.models.attention import FeedForward
+
+    ff = FeedForward(32, activation_fn="gelu-approximate")
+    ff.requires_grad_(False)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    out = quack_gemm.quack_feed_forward(ff, x)
+    torch.testing.assert_close(out, ff(x), rtol=1e-5, atol=1e-6)
+    (dx,) = torch.autograd.grad(out.square().sum(), [x])
+    (ref_dx,) = torch.autograd.grad(ff(x).square().sum(), [x])
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-6)
+
+
+def test_feed_forwards_it_does_not_cover_run_their_own_forward():
+    """Another activation, or dropout that is active, and the feed-forward runs as before."""
+    from diffusers.models.attention import FeedForward
+
+    assert quack_gemm.quack_feed_forward(FeedForward(32, activation_fn="gelu"), torch.randn(2, 32)) is None
+    dropping = FeedForward(32, activation_fn="gelu-approximate", dropout=0.1).train()
+    assert quack_gemm.quack_feed_forward(dropping, torch.randn(2, 32)) is None
+    assert quack_gemm.quack_feed_forward(dropping.eval(), torch.randn(2, 32)) is not None
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_operators_pass_opcheck(op):
+    """Schema, fake shapes and the CompositeExplicitAutograd registration, as torch.compile relies on."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(*s, generator=g) for s in ((6, 8), (16, 8), (6, 16)))
+    args = {"quack_linear": (x, w, torch.randn(16, generator=g)), "quack_input_grad": (dy, w),
+            "quack_gelu_linear": (x, w, None), "quack_gelu_input_grad": (dy, w, torch.randn(6, 8, generator=g))}[op]  # fmt: skip
+    torch.library.opcheck(getattr(torch.ops.pixart_tune, op).default, args)
+
+
+def test_a_compiled_block_is_one_graph(tiny_base):
+    """No graph break in the feed-forward or the projections: a compiled block is one graph, and
+    compiled and eager agree."""
+    from torch._dynamo.utils import counters
+
+    model = _fast(tiny_base, quack=True)
+    block = model.transformer_blocks[0]
+    dim = block.attn1.to_q.in_features
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, dim, generator=g, requires_grad=True)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 5, block.attn2.to_k.in_features, generator=g),
+              "timestep": torch.randn(2, 6 * dim, generator=g)}  # fmt: skip
+    params = [p for p in block.parameters() if p.requires_grad]
+
+    def run(fn):
+        out = fn(x, **kwargs)
+        return out, *torch.autograd.grad(out.square().sum(), [x, *params])
+
+    eager = run(block)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(torch.compile(block, backend="aot_eager", fullgraph=True))
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "settings, installed",
+    [(["train.mixed_precision=bf16"], True),  # the default: on where quack runs
+     (["train.mixed_precision=bf16", "train.quack_gemms=false"], False),
+     (["train.mixed_precision=no"], False)],  # fp32: quack's kernels take 16-bit operands only
+)  # fmt: skip
+def test_the_trainer_uses_it_where_quack_runs(settings, installed, tmp_path, tiny_home, monkeypatch):
+    """Through train(), with quack made to look present (its operators then run their PyTorch maths on
+    CPU): installed exactly when asked for under 16-bit mixed precision, and the run finishes."""
+    from pixart_tune import train
+
+    counts, original = [], quack_gemm.use_quack_gemms
+    monkeypatch.setattr(quack_gemm, "quack_runs_on", lambda device: True)
+    monkeypatch.setattr(quack_gemm, "use_quack_gemms", lambda model: counts.append(original(model)) or counts[-1])
+    train(REPO / "recipes" / "tiny-lora.yaml", [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}",
+          "train.log_with=none", "train.method=full", "train.steps=2", *settings], show_progress=False)  # fmt: skip
+    assert counts == ([2] if installed else [])  # the feed-forwards (the tiny recipe's attention is not fa4)
+
+
+def test_quack_runs_only_on_hopper_gpus():
+    assert not quack_runs_on(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and quack_runs_on(torch.device("cuda"))),
+                    reason="needs quack and a Hopper GPU")  # fmt: skip
+@pytest.mark.parametrize("op", OPS)
+def test_quack_kernels_match_fp32_on_gpu(op):
+    """Each operator on quack's kernels (M = 4096 rows, bf16) against the same maths in fp32."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
+
+    m, k, n = 4096, 256, 1024
+    x, w, dy, bias, h = randn(m, k), randn(n, k, scale=k**-0.5), randn(m, n), randn(n, scale=0.1), randn(m, k)
+    args = {"quack_linear": (x, w, bias), "quack_input_grad": (dy, w), "quack_gelu_linear": (x, w, bias),
+            "quack_gelu_input_grad": (dy, w, h)}[op]  # fmt: skip
+    got = getattr(torch.ops.pixart_tune, op)(*args)
+    want = getattr(quack_gemm, "_" + op.removeprefix("quack_"))(*(None if a is None else a.double().cpu() for a in args))
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        err = ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
+        assert err < 1e-2, (op, err)
