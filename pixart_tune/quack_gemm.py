@@ -9,22 +9,27 @@ GEMMs whose epilogue runs while the next tile's mainloop does, so elementwise wo
     forward    h, g = x W1^T + b1, gelu(h)         one kernel writes both (cuBLAS + Inductor: two)
     backward   dh = gelu'(h) * (dy W2),  g         one kernel (cuBLAS + Inductor: two), g rewritten for dW2
 
-At M = 32768 tokens (1024 px, batch 8; ms per call, `python scripts/probe_kernels.py quack-gemms`),
-on an H200: the feed-forward's forward 0.47 against 0.63 (cuBLAS's GEMM with the bias, then
-Inductor's GELU), its input gradient through the GELU 0.57 against 0.74. On an H100 quack's plain
-GEMMs beat cuBLAS's by 3-12% on the forward and input-gradient products (dy W) at these shapes and
-lose on the weight gradients (dy^T x, a transposed operand), which stay on cuBLAS, as do the bias
-gradients (sums over the tokens). In training, a full fine-tune on an H100: 22.1 samples/s against
-21.4, and 39.6 GiB peak against 47.5 (g = gelu(h) is no longer kept for the backward;
-scripts/results/2026-11-27-h100-quack-gemms-full-ab.json). The maths is the plain modules' up to
-rounding (fp32 accumulation, one bf16 rounding of each output, the GELU taken from the fp32
+On an H100 at M = 32768 tokens (1024 px, batch 8; ms per call, `python scripts/probe_kernels.py
+quack-gemms`): the feed-forward's forward 0.49 against 0.69 (cuBLAS's GEMM with the bias, then
+Inductor's GELU), its input gradient through the GELU 0.59 against 0.78. quack's plain products run
+3-20% faster than cuBLAS's here, except the up-projection's input gradient (a 4608-deep reduction into
+1152 columns), which is within 2% either way between machines. Its weight gradients (dy^T x, a
+transposed operand) were slower in a first probe and stay on cuBLAS, as do the bias gradients (sums
+over the tokens). In training on H100s, ABAB in one process (the records
+2026-11-27-h100-quack-gemms-*.json in scripts/results): a full fine-tune ran at 22.06-22.11 samples/s against 21.42-21.44 on one machine,
+21.29-21.43 against 20.78-20.86 on another, and peaks at 39.6 GiB against 47.5 (g = gelu(h) is no
+longer kept for the backward). A LoRA on attention and feed-forward (the function below) ran at
+23.71-23.93 against 23.37-23.45, peaking at 29.5 GiB against 37.2. The maths is the plain modules'
+up to rounding (fp32 accumulation, one bf16 rounding of each output, the GELU taken from the fp32
 pre-activation), and tests compare the two on the tiny model.
 
-Used where quack imports and the GPU is Hopper (sm90: where it was measured), in a block's
-self-attention on FA4's processor (fa4.py: the joint projection and the out projection) and in every
-feed-forward whose linears are plain nn.Linear layers with a tanh GELU and no active dropout: a full
-fine-tune, or a frozen feed-forward of a LoRA run. Everywhere else, and where a shape does not suit
-(too few rows, widths that are not multiples of 8), the usual modules run.
+Used where quack imports and the GPU is Hopper (sm90: where it was measured): in a block's
+self-attention on FA4's processor (fa4.py: the joint projection and the out projection, where they
+are plain nn.Linear layers) and in every feed-forward with a tanh GELU and no active dropout whose
+two linears are plain nn.Linear layers (a full fine-tune, a frozen feed-forward) or both fused vanilla
+LoRA layers without fp8 copies (lora_fused.py; with train.fp8, lora_ff.py's function runs). Everywhere
+else, and where a shape does not suit (too few rows, widths that are not multiples of 8), the usual
+modules and kernels run.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora_fused import compute_dtype, give_forward
+from .lora_fused import _FUSED_CLASSES, _fp8_copies, _vanilla_adapter, compute_dtype, give_forward
 
 MIN_ROWS = 2048  # fewer tokens than this: too few output tiles to fill the GPU; cuBLAS picks better
 GELU = "gelu_tanh_approx"  # quack's name for PyTorch's gelu(approximate="tanh")
@@ -70,14 +75,23 @@ def _quack():
     return gemm_interface
 
 
+@functools.cache
 def quack_installed() -> bool:
     return importlib.util.find_spec("quack") is not None
 
 
+@functools.cache
+def _hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
 def quack_runs_on(device: torch.device) -> bool:
-    """Whether the kernels here run on `device`: CUDA, Hopper (sm90), quack importable."""
-    return (torch.device(device).type == "cuda" and torch.cuda.is_available()
-            and torch.cuda.get_device_capability(device)[0] == 9 and quack_installed())  # fmt: skip
+    """Whether the kernels here run on `device`: CUDA, Hopper (sm90), quack importable. Cached: the
+    operators ask on every call."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available() or not quack_installed():
+        return False
+    return _hopper(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _on_quack(*tensors: Tensor) -> bool:
@@ -120,6 +134,16 @@ def _gelu_input_grad(dy: Tensor, w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ops.aten.gelu_backward(dg, h, approximate="tanh"), F.gelu(h, approximate="tanh")
 
 
+def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ w + h @ b (+ bias) for x (M, K), w (K, N), h (M, r), b (r, N): lora_fused's sum for long
+    reductions, the big GEMM on quack's kernel adding into the low-rank product in place."""
+    out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)  # (M, N)
+    if _on_quack(x, w.t()):
+        _quack().gemm_add_inplace(x, w, out, tuned=False)
+        return out
+    return out.addmm_(x, w)
+
+
 _LIB = torch.library.Library("pixart_tune", "FRAGMENT")
 _LIB.define("quack_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor")
 _LIB.impl("quack_linear", _linear, "CompositeExplicitAutograd")
@@ -129,6 +153,8 @@ _LIB.define("quack_gelu_linear(Tensor x, Tensor w, Tensor? bias) -> (Tensor, Ten
 _LIB.impl("quack_gelu_linear", _gelu_linear, "CompositeExplicitAutograd")
 _LIB.define("quack_gelu_input_grad(Tensor dy, Tensor w, Tensor h) -> (Tensor, Tensor)")
 _LIB.impl("quack_gelu_input_grad", _gelu_input_grad, "CompositeExplicitAutograd")
+_LIB.define("quack_gemm_plus_lowrank(Tensor x, Tensor w, Tensor h, Tensor b, Tensor? bias) -> Tensor")
+_LIB.impl("quack_gemm_plus_lowrank", _gemm_plus_lowrank, "CompositeExplicitAutograd")
 _ops = torch.ops.pixart_tune
 
 
@@ -150,6 +176,11 @@ def _(x, w, bias):
 @torch.library.register_fake("pixart_tune::quack_gelu_input_grad")
 def _(dy, w, h):
     return h.new_empty(h.shape), h.new_empty(h.shape)
+
+
+@torch.library.register_fake("pixart_tune::quack_gemm_plus_lowrank")
+def _(x, w, h, b, bias):
+    return x.new_empty(x.shape[0], w.shape[1])
 
 
 def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -218,22 +249,100 @@ class _GeluFeedForward(torch.autograd.Function):
         return dx, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+def _with_rank(t: Tensor, lowrank: Tensor, dim: int = 1) -> Tensor:
+    """t and the adapter's rank-r factor joined along the reduction `dim`, zero-padded to a multiple
+    of 8 there (quack's operands need 16-byte rows): [t | lowrank | 0] (M, K + r') for dim 1, the
+    rows [t; lowrank; 0] (K + r', N) for dim 0."""
+    pad = -lowrank.shape[dim] % 8
+    shape = list(lowrank.shape)
+    shape[dim] = pad
+    return torch.cat([t, lowrank] + ([lowrank.new_zeros(shape)] if pad else []), dim=dim)
+
+
+class _LoraGeluFeedForward(torch.autograd.Function):
+    """The feed-forward with a LoRA on both linears (frozen weights and biases): the up-projection's
+    adapter term rides in the GELU kernel's reduction, and so does the down-projection's in the
+    input gradient through the GELU:
+
+        forward   u1 = x A1^T          h, g = [x | u1] [W1 | s B1]^T + b1, gelu(h)     (one kernel)
+                  u2 = g A2^T          y = g W2^T + u2 (s B2)^T + b2
+        backward  v2 = dy (s B2)       dh, g = gelu'(h) * ([dy | v2] [W2; A2]), gelu(h)  (one kernel)
+                  v1 = dh (s B1)       dx = dh W1 + v1 A1
+                  dA2 = v2^T g,  dB2 = s dy^T u2,  dA1 = v1^T x,  dB1 = s dh^T u1
+
+    lora_fused's per-layer maths (adapter_forward / adapter_backward) in another order of sums; g is
+    not kept (the backward's kernel writes it again)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1, b1, a1, bb1, w2, b2, a2, bb2, s1: float, s2: float):
+        # x (..., C); w1 (4C, C), w2 (C, 4C) and the biases frozen; a1 (r, C), bb1 (4C, r), a2 (r, 4C), bb2 (C, r)
+        dtype = compute_dtype(x)
+        x2 = _flat(x, dtype)  # (M, C)
+        a1c, b1s, a2c, b2s = a1.to(dtype), (bb1 * s1).to(dtype), a2.to(dtype), (bb2 * s2).to(dtype)
+        u1 = x2 @ a1c.t()  # (M, r)
+        w1u = _with_rank(w1.to(dtype), b1s)  # (4C, C + r')
+        h, g = _ops.quack_gelu_linear(_with_rank(x2, u1), w1u, None if b1 is None else b1.to(dtype))  # (M, 4C)
+        u2 = g @ a2c.t()  # (M, r)
+        y = _ops.quack_gemm_plus_lowrank(g, w2.to(dtype).t(), u2, b2s.t(), None if b2 is None else b2.to(dtype))
+        ctx.save_for_backward(x2, u1, h, u2, w1, a1, bb1, w2, a2, bb2)
+        ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = (s1, s2), dtype, x.shape, x.dtype
+        return y.reshape(*x.shape[:-1], -1)  # (..., C)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2, u1, h, u2, w1, a1, bb1, w2, a2, bb2 = ctx.saved_tensors
+        (s1, s2), dtype = ctx.scalings, ctx.dtype
+        need = ctx.needs_input_grad  # x, w1, b1, a1, bb1, w2, b2, a2, bb2, s1, s2
+        if need[1] or need[2] or need[5] or need[6]:
+            raise RuntimeError("the LoRA feed-forward keeps its base weights and biases frozen")
+        a1c, b1s, a2c, b2s = a1.to(dtype), (bb1 * s1).to(dtype), a2.to(dtype), (bb2 * s2).to(dtype)
+        dy2 = _flat(dy, dtype)  # (M, C)
+        v2 = dy2 @ b2s  # (M, r)
+        w2a = _with_rank(w2.to(dtype), a2c, dim=0)  # [W2; A2; 0] (C + r', 4C)
+        dh, g = _ops.quack_gelu_input_grad(_with_rank(dy2, v2), w2a, h)  # (M, 4C) each
+        v1 = dh @ b1s  # (M, r)
+        dx = None
+        if need[0]:
+            dx = _ops.quack_gemm_plus_lowrank(dh, w1.to(dtype), v1, a1c, None).reshape(ctx.x_shape).to(ctx.x_dtype)
+        grad_a1 = (v1.t() @ x2).to(a1.dtype) if need[3] else None  # (r, C)
+        grad_b1 = (dh.t() @ u1).mul_(s1).to(bb1.dtype) if need[4] else None  # (4C, r)
+        grad_a2 = (v2.t() @ g).to(a2.dtype) if need[7] else None  # (r, 4C)
+        grad_b2 = (dy2.t() @ u2).mul_(s2).to(bb2.dtype) if need[8] else None  # (C, r)
+        return dx, None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None
+
+
+def _lora_args(layer) -> tuple | None:
+    """((weight, bias, lora_a, lora_b), scaling) of a vanilla fused LoRA linear (lora_fused.py) with a
+    frozen bias and no fp8 copies (those run lora_ff.py's function), else None."""
+    if type(layer) not in _FUSED_CLASSES.values():
+        return None
+    name = _vanilla_adapter(layer)
+    base = layer.base_layer
+    if name is None or _fp8_copies(layer) is not None or (base.bias is not None and base.bias.requires_grad):
+        return None
+    return (base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight), layer.scaling[name]
+
+
 def _plain_linear(layer) -> bool:
     return type(layer) is nn.Linear
 
 
 def quack_feed_forward(ff: nn.Module, x: Tensor) -> Tensor | None:
-    """diffusers' FeedForward `ff` on x through _GeluFeedForward, or None where it does not apply (not
-    a tanh GELU between two plain linears, or dropout active)."""
+    """diffusers' FeedForward `ff` on x through _GeluFeedForward (plain linears) or _LoraGeluFeedForward
+    (fused vanilla LoRA linears), or None where neither applies (another activation, dropout active,
+    other layers)."""
     net = getattr(ff, "net", None)
     if net is None or len(net) < 3 or getattr(net[0], "approximate", None) != "tanh":
         return None
     if any(not isinstance(m, nn.Dropout) or (m.p and m.training) for m in list(net)[1:2] + list(net)[3:]):
         return None
     up, down = getattr(net[0], "proj", None), net[2]
-    if not (_plain_linear(up) and _plain_linear(down)):
+    if _plain_linear(up) and _plain_linear(down):
+        return _GeluFeedForward.apply(x, up.weight, up.bias, down.weight, down.bias)
+    lora_up, lora_down = _lora_args(up), _lora_args(down)
+    if lora_up is None or lora_down is None:
         return None
-    return _GeluFeedForward.apply(x, up.weight, up.bias, down.weight, down.bias)
+    return _LoraGeluFeedForward.apply(x, *lora_up[0], *lora_down[0], lora_up[1], lora_down[1])
 
 
 def _quack_ff_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:

@@ -345,9 +345,11 @@ def run_sections(args, work: Path) -> dict:
         ours("lora_fa4", base, data, res, fa4)
         ours("lora_fa4_fp8", base, data, res, [*fa4, "train.fp8=true"])
         ours("full_fa4", base, data, res, [*fa4, *FULL])
-        ours("full_fa4_fp32_stream", base, data, res, [*fa4, *FULL, "train.bf16_stream=false"])
+        ours("full_fa4_cublas", base, data, res, [*fa4, *FULL, "train.quack_gemms=false"])
         ours("full_fa4_2", base, data, res, [*fa4, *FULL])
-    if "quack" in want and not smoke and not fa4_missing:  # train.quack_gemms off and on, full fine-tune, ABAB
+    if "quack" in want and not smoke and not fa4_missing:  # train.quack_gemms off and on, ABAB, LoRA then full
+        for name in ("lora_fa4_cublas", "lora_fa4", "lora_fa4_cublas_2", "lora_fa4_2"):
+            ours(name, base, data, res, [*fa4, *(["train.quack_gemms=false"] if "cublas" in name else [])])
         for name in ("full_fa4_cublas", "full_fa4", "full_fa4_cublas_2", "full_fa4_2"):
             ours(name, base, data, res, [*fa4, *FULL, *(["train.quack_gemms=false"] if "cublas" in name else [])])
     if "adamw" in want and not smoke and not fa4_missing:  # fused against foreach AdamW, full fine-tune, ABBA
@@ -410,6 +412,9 @@ def print_table(r: dict) -> None:
             ("ours: full fine-tune, fa4", "full_fa4", "full", r["resolution"]),
             ("ours: full, fa4, fp32 residual stream", "full_fa4_fp32_stream", "full", r["resolution"]),
             ("ours: full fine-tune, fa4, again", "full_fa4_2", "full", r["resolution"]),
+            ("ours: LoRA, fa4, again", "lora_fa4_2", "lora", r["resolution"]),
+            ("ours: LoRA, fa4, no quack GEMMs", "lora_fa4_cublas", "lora", r["resolution"]),
+            ("ours: LoRA, fa4, no quack GEMMs, again", "lora_fa4_cublas_2", "lora", r["resolution"]),
             ("ours: full, fa4, no quack GEMMs", "full_fa4_cublas", "full", r["resolution"]),
             ("ours: full, fa4, no quack GEMMs, again", "full_fa4_cublas_2", "full", r["resolution"]),
             ("ours: LoRA r16, 512 px", "lora512", "lora", 512), ("ours: full fine-tune, 512 px", "full512", "full", 512),

@@ -8,6 +8,7 @@
     python scripts/probe_kernels.py fp8-gemms [--out F]    # train.fp8's GEMMs and quantisation costs
     python scripts/probe_kernels.py cross-attention-fold [--out F]  # attn2 folded (cross_attention.py) vs SDPA
     python scripts/probe_kernels.py linear-gemm-layouts [--out F]  # a trainable linear's GEMMs in each layout
+    python scripts/probe_kernels.py quack-gemms [--out F]  # quack_gemm.py's operators against cuBLAS (+ Inductor)
 
 lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
 GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
@@ -382,6 +383,44 @@ def _layout_row(m: int, k: int, n: int) -> dict:
     return row
 
 
+def quack_gemms(m: int = 32768) -> list[dict]:
+    """quack_gemm.py's operators against what runs without them, at PixArt's shapes: each plain product
+    (cuBLAS, then the operator), and the feed-forward's GELU kernels against cuBLAS plus Inductor's GELU."""
+    ops = torch.ops.pixart_tune
+    from pixart_tune import quack_gemm  # noqa: F401 - registers the operators
+
+    rows = [_quack_row(m, k, n) for k, n in ((1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152))]
+    x, dy = torch.randn(m, 1152, device="cuda", dtype=torch.bfloat16), torch.randn(m, 1152, device="cuda", dtype=torch.bfloat16)
+    w1 = torch.randn(4608, 1152, device="cuda", dtype=torch.bfloat16) / 1152**0.5
+    b1 = torch.randn(4608, device="cuda", dtype=torch.bfloat16) * 0.1
+    w2 = torch.randn(1152, 4608, device="cuda", dtype=torch.bfloat16) / 4608**0.5
+    gelu = torch.compile(lambda h: F.gelu(h, approximate="tanh"))
+    dgelu = torch.compile(lambda dg, h: torch.ops.aten.gelu_backward(dg, h, approximate="tanh"))
+    h = torch.addmm(b1, x, w1.t())
+    row = {"ff_up_gelu_cublas_inductor_ms": timed(lambda: gelu(torch.addmm(b1, x, w1.t()))),
+           "ff_up_gelu_quack_ms": timed(lambda: ops.quack_gelu_linear(x, w1, b1)),
+           "ff_down_dx_dgelu_cublas_inductor_ms": timed(lambda: dgelu(dy @ w2, h)),
+           "ff_down_dx_dgelu_quack_ms": timed(lambda: ops.quack_gelu_input_grad(dy, w2, h)),
+           "gelu_err": rel_err(ops.quack_gelu_linear(x, w1, b1)[1], gelu(h)),
+           "dgelu_err": rel_err(ops.quack_gelu_input_grad(dy, w2, h)[0], dgelu(dy @ w2, h))}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return [*rows, row]
+
+
+def _quack_row(m: int, k: int, n: int) -> dict:
+    ops = torch.ops.pixart_tune
+    x, dy = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    row = {"k": k, "n": n, "forward_cublas_ms": timed(lambda: torch.addmm(b, x, w.t())),
+           "forward_quack_ms": timed(lambda: ops.quack_linear(x, w, b)),
+           "dx_cublas_ms": timed(lambda: dy @ w), "dx_quack_ms": timed(lambda: ops.quack_input_grad(dy, w)),
+           "forward_err": rel_err(ops.quack_linear(x, w, b), torch.addmm(b, x, w.t())),
+           "dx_err": rel_err(ops.quack_input_grad(dy, w), dy @ w)}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def _out_and_grads(module, call, x: torch.Tensor, dout: torch.Tensor) -> dict:
     """One forward and backward: the output, dx and the trainable parameters' gradients, by name."""
     module.zero_grad()
@@ -394,7 +433,7 @@ def _out_and_grads(module, call, x: torch.Tensor, dout: torch.Tensor) -> dict:
 
 PROBES = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton,
           "cross-attention": cross_attention, "fp8-gemms": fp8_gemms, "cross-attention-fold": cross_attention_fold,
-          "linear-gemm-layouts": linear_gemm_layouts}  # fmt: skip
+          "linear-gemm-layouts": linear_gemm_layouts, "quack-gemms": quack_gemms}  # fmt: skip
 
 
 def main(argv=None) -> int:

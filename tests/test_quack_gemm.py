@@ -8,12 +8,13 @@ GPU test compares quack's kernels themselves with fp32.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, tiny_out_and_grads
+from conftest import REPO, tiny_lora, tiny_out_and_grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pixart_tune import quack_gemm
@@ -21,7 +22,7 @@ from pixart_tune.fa4 import sdpa_attention, use_fa4
 from pixart_tune.quack_gemm import quack_linear, quack_runs_on, use_quack_gemms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-OPS = ("quack_linear", "quack_input_grad", "quack_gelu_linear", "quack_gelu_input_grad")
+OPS = ("quack_linear", "quack_input_grad", "quack_gelu_linear", "quack_gelu_input_grad", "quack_gemm_plus_lowrank")
 
 
 def _fast(tiny_base, quack: bool):
@@ -66,6 +67,32 @@ def test_on_the_tiny_model_it_is_the_plain_models_maths(tiny_base):
     blocks = len(model.transformer_blocks)
     assert counter.calls == {"quack_linear": 3 * blocks, "quack_gelu_linear": blocks,
                              "quack_input_grad": 3 * blocks, "quack_gelu_input_grad": blocks}  # fmt: skip
+
+
+@pytest.mark.parametrize("rank", [4, 8])  # 4: the rank padded to 8 in the joined reduction
+def test_lora_feed_forwards_give_the_fused_lora_layers_maths(tiny_base, rank):
+    """LoRA on attention and feed-forward (fused linears, as the trainer runs them), fp32: with the
+    feed-forwards on _LoraGeluFeedForward the output and the adapters' gradients are the fused
+    layers' own; the self-attention's LoRA linears keep their kernels (no quack_linear)."""
+    from pixart_tune.lora_fused import fuse_lora_linears
+
+    ref = tiny_lora(tiny_base, targets="attention+ff", rank=rank)
+    fuse_lora_linears(ref)
+    use_fa4(ref, kernel=sdpa_attention, pad_multiple=1)
+    fast = copy.deepcopy(ref)
+    assert use_quack_gemms(fast) == 2 * len(fast.base_model.model.transformer_blocks)
+    ref_out, ref_grads = tiny_out_and_grads(ref)
+    with _OpCounter() as counter:
+        out, grads = tiny_out_and_grads(fast)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and any("ff" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    blocks = len(fast.base_model.model.transformer_blocks)
+    # per block: the up-projection with its GELU, forward and backward; the two long reductions
+    # (the down-projection's forward, the up-projection's input gradient) adding into the adapter's term
+    assert counter.calls == {"quack_gelu_linear": blocks, "quack_gelu_input_grad": blocks,
+                             "quack_gemm_plus_lowrank": 2 * blocks}  # fmt: skip
 
 
 def test_under_bf16_autocast_fp32_masters_get_fp32_gradients(tiny_base):
@@ -114,17 +141,28 @@ def test_operators_pass_opcheck(op):
     g = torch.Generator().manual_seed(0)
     x, w, dy = (torch.randn(*s, generator=g) for s in ((6, 8), (16, 8), (6, 16)))
     args = {"quack_linear": (x, w, torch.randn(16, generator=g)), "quack_input_grad": (dy, w),
-            "quack_gelu_linear": (x, w, None), "quack_gelu_input_grad": (dy, w, torch.randn(6, 8, generator=g))}[op]  # fmt: skip
+            "quack_gelu_linear": (x, w, None), "quack_gelu_input_grad": (dy, w, torch.randn(6, 8, generator=g)),
+            "quack_gemm_plus_lowrank": (x, w.t(), torch.randn(6, 4, generator=g), torch.randn(4, 16, generator=g),
+                                        torch.randn(16, generator=g))}[op]  # fmt: skip
     torch.library.opcheck(getattr(torch.ops.pixart_tune, op).default, args)
 
 
-def test_a_compiled_block_is_one_graph(tiny_base):
-    """No graph break in the feed-forward or the projections: a compiled block is one graph, and
-    compiled and eager agree."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_compiled_block_is_one_graph(tiny_base, lora):
+    """No graph break in the feed-forward or the projections, plain or with fused LoRA linears: a
+    compiled block is one graph, and compiled and eager agree."""
     from torch._dynamo.utils import counters
 
-    model = _fast(tiny_base, quack=True)
-    block = model.transformer_blocks[0]
+    from pixart_tune.lora_fused import fuse_lora_linears
+
+    if lora:
+        model = tiny_lora(tiny_base, targets="attention+ff", rank=8)
+        fuse_lora_linears(model)
+        use_fa4(model, kernel=sdpa_attention, pad_multiple=1)
+        use_quack_gemms(model)
+        block = model.base_model.model.transformer_blocks[0]
+    else:
+        block = _fast(tiny_base, quack=True).transformer_blocks[0]
     dim = block.attn1.to_q.in_features
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 16, dim, generator=g, requires_grad=True)
@@ -182,7 +220,8 @@ def test_quack_kernels_match_fp32_on_gpu(op):
     m, k, n = 4096, 256, 1024
     x, w, dy, bias, h = randn(m, k), randn(n, k, scale=k**-0.5), randn(m, n), randn(n, scale=0.1), randn(m, k)
     args = {"quack_linear": (x, w, bias), "quack_input_grad": (dy, w), "quack_gelu_linear": (x, w, bias),
-            "quack_gelu_input_grad": (dy, w, h)}[op]  # fmt: skip
+            "quack_gelu_input_grad": (dy, w, h),
+            "quack_gemm_plus_lowrank": (x, w.t(), randn(m, 16), randn(16, n, scale=0.1), bias)}[op]  # fmt: skip
     got = getattr(torch.ops.pixart_tune, op)(*args)
     want = getattr(quack_gemm, "_" + op.removeprefix("quack_"))(*(None if a is None else a.double().cpu() for a in args))
     for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
