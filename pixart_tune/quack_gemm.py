@@ -16,12 +16,12 @@ Inductor's GELU), its input gradient through the GELU 0.59 against 0.78. quack's
 1152 columns), which is within 2% either way between machines. Its weight gradients (dy^T x, a
 transposed operand) were slower in a first probe and stay on cuBLAS, as do the bias gradients (sums
 over the tokens). In training on H100s, ABAB in one process (the records
-2026-11-27-h100-quack-gemms-*.json in scripts/results): a full fine-tune ran at 22.06-22.11 samples/s against 21.42-21.44 on one machine,
-21.29-21.43 against 20.78-20.86 on another, and peaks at 39.6 GiB against 47.5 (g = gelu(h) is no
-longer kept for the backward). A LoRA on attention and feed-forward (the function below) ran at
-23.71-23.93 against 23.37-23.45, peaking at 29.5 GiB against 37.2. The maths is the plain modules'
-up to rounding (fp32 accumulation, one bf16 rounding of each output, the GELU taken from the fp32
-pre-activation), and tests compare the two on the tiny model.
+2026-11-27-h100-quack-gemms-*.json in scripts/results): a full fine-tune ran at 22.06-22.11
+samples/s against 21.42-21.44 on one machine, 21.29-21.43 against 20.78-20.86 on another, and peaks
+at 39.6 GiB against 47.5 (g = gelu(h) is no longer kept for the backward). A LoRA on attention and
+feed-forward (the function below) ran at 23.71-23.93 against 23.37-23.45, peaking at 29.5 GiB
+against 37.2. The maths is the plain modules' up to rounding (fp32 accumulation, one bf16 rounding
+of each output, the GELU taken from the fp32 pre-activation), and tests compare the two on the tiny model.
 
 Used where quack imports and the GPU is Hopper (sm90: where it was measured): in a block's
 self-attention on FA4's processor (fa4.py: the joint projection and the out projection, where they
