@@ -78,14 +78,23 @@ def _layer_args(layer) -> tuple | None:
     return (base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight, *copies), layer.scaling[name]
 
 
-def lora_feed_forward(ff: nn.Module, x: Tensor) -> Tensor | None:
-    """diffusers' FeedForward `ff` on x through the fused function, or None where it does not apply."""
+def tanh_gelu_linears(ff: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(up, down), the two linears of diffusers' FeedForward `ff` where it is up-projection, tanh GELU,
+    down-projection with no dropout active (PixArt's), else None."""
     net = getattr(ff, "net", None)
     if net is None or len(net) < 3 or getattr(net[0], "approximate", None) != "tanh":
         return None
     if any(not isinstance(m, nn.Dropout) or (m.p and m.training) for m in list(net)[1:2] + list(net)[3:]):
         return None
-    up, down = _layer_args(getattr(net[0], "proj", None)), _layer_args(net[2])
+    return getattr(net[0], "proj", None), net[2]
+
+
+def lora_feed_forward(ff: nn.Module, x: Tensor) -> Tensor | None:
+    """diffusers' FeedForward `ff` on x through the fused function, or None where it does not apply."""
+    linears = tanh_gelu_linears(ff)
+    if linears is None:
+        return None
+    up, down = _layer_args(linears[0]), _layer_args(linears[1])
     if up is None or down is None:
         return None
     return _LoraFeedForward.apply(x, *up[0], *down[0], up[1], down[1])

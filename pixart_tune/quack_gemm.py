@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .lora_ff import tanh_gelu_linears
 from .lora_fused import _FUSED_CLASSES, _fp8_copies, _vanilla_adapter, compute_dtype, give_forward
 
 MIN_ROWS = 2048  # fewer tokens than this: too few output tiles to fill the GPU; cuBLAS picks better
@@ -331,12 +332,10 @@ def quack_feed_forward(ff: nn.Module, x: Tensor) -> Tensor | None:
     """diffusers' FeedForward `ff` on x through _GeluFeedForward (plain linears) or _LoraGeluFeedForward
     (fused vanilla LoRA linears), or None where neither applies (another activation, dropout active,
     other layers)."""
-    net = getattr(ff, "net", None)
-    if net is None or len(net) < 3 or getattr(net[0], "approximate", None) != "tanh":
+    linears = tanh_gelu_linears(ff)
+    if linears is None:
         return None
-    if any(not isinstance(m, nn.Dropout) or (m.p and m.training) for m in list(net)[1:2] + list(net)[3:]):
-        return None
-    up, down = getattr(net[0], "proj", None), net[2]
+    up, down = linears
     if _plain_linear(up) and _plain_linear(down):
         return _GeluFeedForward.apply(x, up.weight, up.bias, down.weight, down.bias)
     lora_up, lora_down = _lora_args(up), _lora_args(down)

@@ -96,3 +96,23 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def assert_compiled_block_is_one_graph(block, x, kwargs) -> None:
+    """torch.compile(block) (aot_eager, fullgraph) is one graph, and its output and the gradients of x
+    and the trainable parameters equal eager's."""
+    from torch._dynamo.utils import counters
+
+    trainable = [p for p in block.parameters() if p.requires_grad]
+
+    def run(fn):
+        out = fn(x, **kwargs)
+        return out, *torch.autograd.grad(out.square().sum(), [x, *trainable])
+
+    eager = run(block)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(torch.compile(block, backend="aot_eager", fullgraph=True))
+    assert counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

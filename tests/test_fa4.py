@@ -13,7 +13,7 @@ import types
 
 import pytest
 import torch
-from conftest import tiny_forward, tiny_lora
+from conftest import assert_compiled_block_is_one_graph, tiny_forward, tiny_lora
 
 from pixart_tune import fa4
 from pixart_tune.config import TrainConfig
@@ -219,8 +219,6 @@ def test_a_compiled_block_with_the_operator_is_one_graph(tiny_base, lora):
     """No graph break around the attention or in the joint q/k/v projection, plain or with fused LoRA
     linears (fullgraph=True would raise on one): a compiled block is one graph, and compiled and eager
     agree in values and gradients."""
-    from torch._dynamo.utils import counters
-
     from pixart_tune.lora_fused import fuse_lora_linears
 
     if lora:
@@ -234,21 +232,7 @@ def test_a_compiled_block_with_the_operator_is_one_graph(tiny_base, lora):
         return torch.ops.pixart_tune.flash_attention(qkv, scale)[0]
 
     use_fa4(_Holder(block), kernel=operator, pad_multiple=1)
-    x, kwargs = _block_inputs(block, 16)
-
-    trainable = [p for p in block.parameters() if p.requires_grad]
-
-    def run(fn):
-        out = fn(x, **kwargs)
-        return out, *torch.autograd.grad(out.square().sum(), [x, *trainable])
-
-    eager = run(block)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = run(torch.compile(block, backend="aot_eager", fullgraph=True))
-    assert counters["stats"]["unique_graphs"] == 1
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_compiled_block_is_one_graph(block, *_block_inputs(block, 16))
 
 
 @pytest.mark.skipif(fa4_installed(), reason="flash-attn-4 is installed here")

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, tiny_lora, tiny_out_and_grads
+from conftest import REPO, assert_compiled_block_is_one_graph, tiny_lora, tiny_out_and_grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pixart_tune import quack_gemm
@@ -151,8 +151,6 @@ def test_operators_pass_opcheck(op):
 def test_a_compiled_block_is_one_graph(tiny_base, lora):
     """No graph break in the feed-forward or the projections, plain or with fused LoRA linears: a
     compiled block is one graph, and compiled and eager agree."""
-    from torch._dynamo.utils import counters
-
     from pixart_tune.lora_fused import fuse_lora_linears
 
     if lora:
@@ -168,19 +166,7 @@ def test_a_compiled_block_is_one_graph(tiny_base, lora):
     x = torch.randn(2, 16, dim, generator=g, requires_grad=True)
     kwargs = {"encoder_hidden_states": torch.randn(2, 5, block.attn2.to_k.in_features, generator=g),
               "timestep": torch.randn(2, 6 * dim, generator=g)}  # fmt: skip
-    params = [p for p in block.parameters() if p.requires_grad]
-
-    def run(fn):
-        out = fn(x, **kwargs)
-        return out, *torch.autograd.grad(out.square().sum(), [x, *params])
-
-    eager = run(block)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = run(torch.compile(block, backend="aot_eager", fullgraph=True))
-    assert counters["stats"]["unique_graphs"] == 1
-    for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_compiled_block_is_one_graph(block, x, kwargs)
 
 
 @pytest.mark.parametrize(
