@@ -102,7 +102,7 @@ def _on_quack(*tensors: Tensor) -> bool:
             and all(t.shape[-1] % 8 == 0 for t in tensors) and quack_runs_on(a.device))  # fmt: skip
 
 
-# The four products, as operators opaque to torch.compile (as lora_fused's are): each runs quack's
+# The products, as operators opaque to torch.compile (as lora_fused's are): each runs quack's
 # eager path, whose launch plans are cached per shape, and falls back to PyTorch where quack does not
 # apply (CPU tests, other GPUs, odd shapes). Operands (M, K) activations and (N, K) weights, one dtype.
 def _linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:

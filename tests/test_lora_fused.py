@@ -225,8 +225,8 @@ def test_the_fa4_processor_runs_the_lora_projections_jointly(pair, monkeypatch):
     fast = copy.deepcopy(fused)
     fa4.use_fa4(fast, kernel=fa4.sdpa_attention, pad_multiple=1)
     joined = []
-    monkeypatch.setattr(fa4, "joint_projection", lambda x, layers: joined.append(
-        out := joint_projection(x, layers)) or out)  # fmt: skip
+    monkeypatch.setattr(fa4, "joint_projection", lambda x, layers, *linear: joined.append(
+        out := joint_projection(x, layers, *linear)) or out)  # fmt: skip
     ref_out, ref_grads = tiny_out_and_grads(plain)
     out, grads = tiny_out_and_grads(fast)
     blocks = len(fast.base_model.model.transformer_blocks)
