@@ -95,6 +95,42 @@ def quack_runs_on(device: torch.device) -> bool:
     return _hopper(torch.cuda.current_device() if device.index is None else device.index)
 
 
+@functools.cache
+def quack_problem() -> str | None:
+    """None where each quack kernel used here runs and agrees with fp32 PyTorch on a small problem
+    (bf16, 2048 rows), else what failed: a start-up check, so that a quack release that changed its
+    interface or maths leaves the run on the usual kernels instead of stopping it at its first step.
+    Needs a Hopper GPU with quack (quack_runs_on). Compiles the kernels (seconds, once a process)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
+
+    m, k, n, r = MIN_ROWS, 64, 128, 16
+    x, w, bias, dy, h = randn(m, k), randn(n, k, scale=k**-0.5), randn(n, scale=0.1), randn(m, n), randn(m, k)
+    u, b = randn(m, r), randn(r, n, scale=0.1)
+    f = [t.float() for t in (x, w, bias, dy, h, u, b)]
+    checks = {  # name: (quack's result, the fp32 reference)
+        "gemm": (lambda: _quack().gemm(x, w.t(), bias=bias, tuned=False), lambda: F.linear(*f[:3])),
+        "input gradient": (lambda: _quack().gemm(dy, w, tuned=False), lambda: f[3] @ f[1]),
+        "GELU epilogue": (lambda: _quack().gemm_act(x, w.t(), bias=bias, activation=GELU, tuned=False)[1],
+                          lambda: F.gelu(F.linear(*f[:3]), approximate="tanh")),
+        "GELU-gradient epilogue": (lambda: _quack().gemm_dact(dy, w, h, activation=GELU, tuned=False)[0],
+                                   lambda: torch.ops.aten.gelu_backward(f[3] @ f[1], f[4], approximate="tanh")),
+        "in-place add": (lambda: _quack().gemm_add_inplace(x, w.t(), out := u @ b, tuned=False) or out,
+                         lambda: f[5] @ f[6] + f[0] @ f[1].t()),
+    }  # fmt: skip
+    for name, (got, want) in checks.items():
+        try:
+            result, ref = got().float(), want()
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not use quack here
+            return f"{name}: {type(exc).__name__}: {exc}"
+        err = ((result - ref).abs().max() / ref.abs().max()).item()
+        if not err < 2e-2:
+            return f"{name}: relative error {err:.3g} against fp32"
+    return None
+
+
 def _on_quack(*tensors: Tensor) -> bool:
     """The quack kernels take these (M, K) / (N, K) operands: Hopper, 16-bit, aligned rows, enough rows."""
     a = tensors[0]

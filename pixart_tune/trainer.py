@@ -128,10 +128,15 @@ def prepare_model(cfg: Config, base: str):
 
         use_bf16_stream(model)
     if t.quack_gemms and t.mixed_precision != "no":
-        from .quack_gemm import quack_runs_on, use_quack_gemms
+        from .quack_gemm import quack_problem, quack_runs_on, use_quack_gemms
 
-        if quack_runs_on(torch.device("cuda")) and use_quack_gemms(model):
-            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        if quack_runs_on(torch.device("cuda")):
+            problem = quack_problem()
+            if problem is not None:
+                warnings.warn(f"train.quack_gemms: quack's kernels failed their start-up check ({problem}); this "
+                              "run goes on with cuBLAS and Inductor's kernels (train.quack_gemms=false skips the "
+                              "check)", stacklevel=2)  # fmt: skip
+            elif use_quack_gemms(model) and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
                 print("train.quack_gemms: the blocks' feed-forward and FA4's projections run on quack's GEMMs")
     for p in model.parameters():
         if p.requires_grad:

@@ -182,14 +182,37 @@ def test_the_trainer_uses_it_where_quack_runs(settings, installed, tmp_path, tin
 
     counts, original = [], quack_gemm.use_quack_gemms
     monkeypatch.setattr(quack_gemm, "quack_runs_on", lambda device: True)
+    monkeypatch.setattr(quack_gemm, "quack_problem", lambda: None)  # its check needs the GPU
     monkeypatch.setattr(quack_gemm, "use_quack_gemms", lambda model: counts.append(original(model)) or counts[-1])
     train(REPO / "recipes" / "tiny-lora.yaml", [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}",
           "train.log_with=none", "train.method=full", "train.steps=2", *settings], show_progress=False)  # fmt: skip
     assert counts == ([2] if installed else [])  # the feed-forwards (the tiny recipe's attention is not fa4)
 
 
+def test_a_failed_start_up_check_leaves_the_usual_kernels(tmp_path, tiny_home, monkeypatch):
+    """Where quack's kernels fail their check (a changed quack, say), the run warns, names what
+    failed, and trains on without them."""
+    from pixart_tune import train
+
+    calls = []
+    monkeypatch.setattr(quack_gemm, "quack_runs_on", lambda device: True)
+    monkeypatch.setattr(quack_gemm, "quack_problem", lambda: "GELU epilogue: relative error 0.5 against fp32")
+    monkeypatch.setattr(quack_gemm, "use_quack_gemms", lambda model: calls.append(model) or 1)
+    with pytest.warns(UserWarning, match="start-up check .GELU epilogue: relative error 0.5.*goes on with cuBLAS"):
+        final = train(REPO / "recipes" / "tiny-lora.yaml", [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}",
+                      "train.log_with=none", "train.mixed_precision=bf16", "train.steps=2"], show_progress=False)  # fmt: skip
+    assert calls == [] and (final / "adapter_model.safetensors").is_file()
+
+
 def test_quack_runs_only_on_hopper_gpus():
     assert not quack_runs_on(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and quack_runs_on(torch.device("cuda"))),
+                    reason="needs quack and a Hopper GPU")  # fmt: skip
+def test_the_start_up_check_passes_on_gpu():
+    assert quack_gemm.quack_problem() is None
 
 
 @pytest.mark.gpu
