@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .lora_ff import tanh_gelu_linears
-from .lora_fused import _FUSED_CLASSES, _fp8_copies, _vanilla_adapter, compute_dtype, give_forward
+from .lora_fused import _fp8_copies, compute_dtype, give_forward, joinable
 
 MIN_ROWS = 2048  # fewer tokens than this: too few output tiles to fill the GPU; cuBLAS picks better
 GELU = "gelu_tanh_approx"  # quack's name for PyTorch's gelu(approximate="tanh")
@@ -349,19 +349,15 @@ class _LoraGeluFeedForward(torch.autograd.Function):
 
 
 def _lora_args(layer) -> tuple | None:
-    """((weight, bias, lora_a, lora_b), scaling) of a vanilla fused LoRA linear (lora_fused.py) with a
-    frozen bias and no fp8 copies (those run lora_ff.py's function), else None."""
-    if type(layer) not in _FUSED_CLASSES.values():
+    """((weight, bias, lora_a, lora_b), scaling) of a fused vanilla LoRA linear (lora_fused.joinable)
+    with a frozen bias and no fp8 copies (those run lora_ff.py's function), else None."""
+    joined = joinable(layer)
+    if joined is None or joined[1] is None or _fp8_copies(layer) is not None:
         return None
-    name = _vanilla_adapter(layer)
-    base = layer.base_layer
-    if name is None or _fp8_copies(layer) is not None or (base.bias is not None and base.bias.requires_grad):
+    base, name = joined
+    if base.bias is not None and base.bias.requires_grad:
         return None
     return (base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight), layer.scaling[name]
-
-
-def _plain_linear(layer) -> bool:
-    return type(layer) is nn.Linear
 
 
 def quack_feed_forward(ff: nn.Module, x: Tensor) -> Tensor | None:
@@ -372,7 +368,7 @@ def quack_feed_forward(ff: nn.Module, x: Tensor) -> Tensor | None:
     if linears is None:
         return None
     up, down = linears
-    if _plain_linear(up) and _plain_linear(down):
+    if type(up) is nn.Linear and type(down) is nn.Linear:
         return _GeluFeedForward.apply(x, up.weight, up.bias, down.weight, down.bias)
     lora_up, lora_down = _lora_args(up), _lora_args(down)
     if lora_up is None or lora_down is None:
