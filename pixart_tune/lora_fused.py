@@ -10,11 +10,12 @@ with beta = 1), and the backward is written out, keeping only x itself and the (
               l  = bias + h @ (s B)^T           (M, N)  the small GEMM writes the adapter term once
               y  = l + x @ W^T                  (M, N)  read as C by the base GEMM: no separate add
     backward  dh = dy @ (s B)                   (M, r)
-              dx = dh @ A + dy @ W              (M, K)  again one GEMM reading the other as C
+              dx = dy @ (W + s B A)             (M, K)  one GEMM on the merged weight (merged_weight)
               dA = dh^T @ x,  dB = s dy^T @ h   the adapter's weight gradients (W is frozen)
 
-Both sums are one opaque operator (`gemm_plus_lowrank`): the small GEMM allocates the output and the
-base GEMM accumulates into it in place (`addmm_`, beta = 1); on Hopper one Triton kernel does both.
+The forward's sum is one opaque operator (`gemm_plus_lowrank`; so is dx = dh @ A + dy @ W over few
+rows, where merging W costs more than it saves): the small GEMM allocates the output and the base
+GEMM accumulates into it in place (`addmm_`, beta = 1); on Hopper one Triton kernel does both.
 Left to torch.compile, an out-of-place `addmm` with a full C first copies C into a fresh output: 32 ms
 a step of device-to-device copies at batch 8, 1024 px on an H100 (scripts/results/NOTES.md).
 
@@ -166,6 +167,24 @@ def _scaled_gemm(t: Tensor, bound: Tensor | None, w8: Tensor, w8_scale: Tensor, 
     return gemm_scaled_plus_lowrank(tq, t_scale, w8, w8_scale, h, b, bias, groups), None
 
 
+# Input gradients over at least this many rows (tokens) run on the merged weight W + s B A: its
+# (N, K) copy costs about what one GEMM over a few hundred rows does, so shorter ones (the text
+# tokens' k and v projections) keep the low-rank sum.
+MERGED_INPUT_GRAD_ROWS = 2048
+
+
+def merged_weight(weight: Tensor, b: Tensor, a: Tensor) -> Tensor:
+    """W + b a (N, K) in b's dtype, rounded once (cuBLAS's addmm accumulates in fp32): a LoRA layer's
+    effective weight for weight (N, K), b = s B (N, r) and a = A (r, K), for its input gradient.
+
+    dy W + (dy s B) A is dy (W + s B A) re-associated. The first is what the forward computes for y
+    (its adapter term kept apart, so that a small s B A is not lost in W's rounding); for dx the
+    merged form is one GEMM instead of a GEMM plus a low-rank term, and its extra rounding (W + s B A
+    to bf16, at most half a unit in the last place of each weight) is the size of the rounding the
+    frozen bf16 W already carries, below dx's own bf16 rounding."""
+    return torch.addmm(weight.to(b.dtype), b, a)
+
+
 def adapter_backward(dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
                      needs: tuple[bool, bool, bool], w8_t: Tensor | None = None, w8_t_scale: Tensor | None = None,
                      dy_bound: Tensor | None = None, row_max: bool = False):  # fmt: skip
@@ -174,18 +193,21 @@ def adapter_backward(dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a:
 
         dh = dy (s B)      dx = dh A + dy W      dA = dh^T x      dB = s dy^T h
 
-    w8_t (K, N), w8_t_scale (K, 1): fp8 copies of W^T, or None; dy2 is quantised per row by its own
-    max or by dy_bound (M, 1)."""
+    with dx as dy (W + s B A) over many rows in the compute dtype (merged_weight). w8_t (K, N),
+    w8_t_scale (K, 1): fp8 copies of W^T, or None; dy2 is quantised per row by its own max or by
+    dy_bound (M, 1)."""
     dtype = dy2.dtype
     a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
     dh = dy2 @ b  # (M, r)
     dx = grad_a = grad_b = dx_max = None
-    if needs[0]:
-        if w8_t is None:
-            dx = gemm_plus_lowrank(dy2, weight.to(dtype), dh, a, None)  # (M, K)
-            dx_max = _row_max(dx) if row_max else None
+    if needs[0] and w8_t is not None:
+        dx, dx_max = _scaled_gemm(dy2, dy_bound, w8_t, w8_t_scale, dh, a, None, 1, row_max)
+    elif needs[0]:
+        if dy2.shape[0] >= MERGED_INPUT_GRAD_ROWS:
+            dx = dy2 @ merged_weight(weight, b, a)  # (M, K): one plain GEMM
         else:
-            dx, dx_max = _scaled_gemm(dy2, dy_bound, w8_t, w8_t_scale, dh, a, None, 1, row_max)
+            dx = gemm_plus_lowrank(dy2, weight.to(dtype), dh, a, None)  # (M, K)
+        dx_max = _row_max(dx) if row_max else None
     if needs[1]:
         grad_a = (dh.t() @ x2).to(lora_a.dtype)  # (r, K)
     if needs[2]:

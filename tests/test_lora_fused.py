@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_forward, tiny_lora, tiny_out_and_grads
 from torch import nn
 
+from pixart_tune import lora_fused
 from pixart_tune.lora_fused import fuse_lora_linears, gemm_plus_lowrank, joint_projection, lora_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,8 +25,10 @@ def _tensors(bias=True, seed=0, m=10, k=24, n=40, r=4):
     return x, w, b, a, bb
 
 
+@pytest.mark.parametrize("merged", [False, True])  # dx on the merged weight (many rows) or the low-rank sum
 @pytest.mark.parametrize("bias", [True, False])
-def test_lora_linear_equals_the_formula_with_gradients(bias):
+def test_lora_linear_equals_the_formula_with_gradients(bias, merged, monkeypatch):
+    monkeypatch.setattr(lora_fused, "MERGED_INPUT_GRAD_ROWS", 1 if merged else 10**9)
     x, w, b, a, bb = _tensors(bias)
     y = lora_linear(x, w, b, a, bb, 0.5)
     ref = x @ w.t() + (b if bias else 0) + 0.5 * (x @ a.t()) @ bb.t()
@@ -47,6 +50,26 @@ def test_lora_linear_under_bf16_autocast_is_close_and_keeps_fp32_grads():
     assert ((y.float() - ref).abs().max() / ref.abs().max()).item() < 2e-2
     y.float().square().mean().backward()
     assert a.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("update", [1e-4, 1e-2])  # s B A below W's rounding (early in training), and above it
+def test_the_merged_input_gradient_keeps_bf16_accuracy(update):
+    """bf16, as training runs: dx = dy (W + s B A) with the merged weight rounded to bf16 is within bf16
+    rounding of the exact (fp64) dx, as close as dy W + (dy s B) A is."""
+    g = torch.Generator().manual_seed(0)
+    m, k, n, r = 256, 256, 384, 16
+    w = (torch.randn(n, k, generator=g) * 0.02).bfloat16()  # a frozen weight of PixArt's scale
+    a = (torch.randn(r, k, generator=g) / k**0.5).bfloat16()
+    b = (torch.randn(n, r, generator=g) * update).bfloat16()  # s B
+    dy = torch.randn(m, n, generator=g).bfloat16()
+    exact = dy.double() @ (w.double() + b.double() @ a.double())
+
+    def rms_error(dx):
+        return ((dx.double() - exact).square().mean().sqrt() / exact.square().mean().sqrt()).item()
+
+    merged, low_rank_sum = dy @ lora_fused.merged_weight(w, b, a), gemm_plus_lowrank(dy, w, dy @ b, a, None)
+    assert merged.dtype == torch.bfloat16
+    assert rms_error(merged) < 2**-8 and rms_error(merged) < 1.5 * rms_error(low_rank_sum)
 
 
 def _lora_linears(model) -> int:
