@@ -7,15 +7,16 @@ quack (`quack-kernels`, the CuTe DSL GEMMs that flash-attn-4 installs) has warp-
 GEMMs whose epilogue runs while the next tile's mainloop does, so elementwise work there is nearly free:
 
     forward    h, g = x W1^T + b1, gelu(h)         one kernel writes both (cuBLAS + Inductor: two)
-    backward   dh = gelu'(h) * (dy W2),  g         one kernel (cuBLAS + Inductor: two), g rewritten for dW2
+    backward   dh = gelu'(h) * (dy W2),  g,        one kernel (cuBLAS + Inductor: two), g rewritten for dW2,
+               db1 = sum over the tokens of dh        and b1's gradient summed in its epilogue (Inductor: a pass over dh)
 
 On an H100 at M = 32768 tokens (1024 px, batch 8; ms per call, `python scripts/probe_kernels.py
 quack-gemms`): the feed-forward's forward 0.49 against 0.69 (cuBLAS's GEMM with the bias, then
 Inductor's GELU), its input gradient through the GELU 0.59 against 0.78. quack's plain products run
 3-20% faster than cuBLAS's here, except the up-projection's input gradient (a 4608-deep reduction into
 1152 columns), which is within 2% either way between machines. Its weight gradients (dy^T x, a
-transposed operand) were slower in a first probe and stay on cuBLAS, as do the bias gradients (sums
-over the tokens). In training on H100s, ABAB in one process (the records
+transposed operand) were slower in a first probe and stay on cuBLAS; the bias gradients (sums over the
+tokens) stay with Inductor, except the up-projection's. In training on H100s, ABAB in one process (the records
 2026-11-27-h100-quack-gemms-*.json in scripts/results): a full fine-tune ran at 22.06-22.11
 samples/s against 21.42-21.44 on one machine, 21.29-21.43 against 20.78-20.86 on another, and peaks
 at 39.6 GiB against 47.5 (g = gelu(h) is no longer kept for the backward). A LoRA on attention and
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .lora_ff import tanh_gelu_linears
-from .lora_fused import _fp8_copies, compute_dtype, give_forward, joinable
+from .lora_fused import _fp8_copies, compute_dtype, give_forward, joinable, merged_weight
 
 MIN_ROWS = 2048  # fewer tokens than this: too few output tiles to fill the GPU; cuBLAS picks better
 GELU = "gelu_tanh_approx"  # quack's name for PyTorch's gelu(approximate="tanh")
@@ -117,6 +118,8 @@ def quack_problem() -> str | None:
                           lambda: F.gelu(F.linear(*f[:3]), approximate="tanh")),
         "GELU-gradient epilogue": (lambda: _quack().gemm_dact(dy, w, h, activation=GELU, tuned=False)[0],
                                    lambda: torch.ops.aten.gelu_backward(f[3] @ f[1], f[4], approximate="tanh")),
+        "bias-gradient epilogue": (lambda: _gelu_input_and_bias_grad(dy, w, h)[2],
+                                   lambda: torch.ops.aten.gelu_backward(f[3] @ f[1], f[4], approximate="tanh").sum(0)),
         "in-place add": (lambda: _quack().gemm_add_inplace(x, w.t(), out := u @ b, tuned=False) or out,
                          lambda: f[5] @ f[6] + f[0] @ f[1].t()),
     }  # fmt: skip
@@ -171,6 +174,21 @@ def _gelu_input_grad(dy: Tensor, w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ops.aten.gelu_backward(dg, h, approximate="tanh"), F.gelu(h, approximate="tanh")
 
 
+def _gelu_input_and_bias_grad(dy: Tensor, w: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """_gelu_input_grad's dh and gelu(h), and db = dh summed over the rows in fp32 (K,): the bias
+    gradient of the layer that made h, summed in the same kernel's epilogue from the unrounded dh
+    (cuBLAS + Inductor: a further pass over dh, 302 MB a layer at batch 8)."""
+    if _on_quack(dy, w.t(), h):
+        _quack()  # the fingerprint shim, before quack's epilogue library compiles anything
+        from quack.epilogue.library import dgelu_dbias_mod
+
+        out = dgelu_dbias_mod(dy, w, h, out={"D": torch.empty_like(h), "postact": torch.empty_like(h)},
+                              tuned=False, dynamic_scheduler=True)  # fmt: skip
+        return out["D"], out["postact"], out["dbias"]
+    dh, g = _gelu_input_grad(dy, w, h)
+    return dh, g, dh.sum(0, dtype=torch.float32)
+
+
 def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
     """x @ w + h @ b (+ bias) for x (M, K), w (K, N), h (M, r), b (r, N): lora_fused's sum for long
     reductions, the big GEMM on quack's kernel adding into the low-rank product in place."""
@@ -190,6 +208,8 @@ _LIB.define("quack_gelu_linear(Tensor x, Tensor w, Tensor? bias) -> (Tensor, Ten
 _LIB.impl("quack_gelu_linear", _gelu_linear, "CompositeExplicitAutograd")
 _LIB.define("quack_gelu_input_grad(Tensor dy, Tensor w, Tensor h) -> (Tensor, Tensor)")
 _LIB.impl("quack_gelu_input_grad", _gelu_input_grad, "CompositeExplicitAutograd")
+_LIB.define("quack_gelu_input_and_bias_grad(Tensor dy, Tensor w, Tensor h) -> (Tensor, Tensor, Tensor)")
+_LIB.impl("quack_gelu_input_and_bias_grad", _gelu_input_and_bias_grad, "CompositeExplicitAutograd")
 _LIB.define("quack_gemm_plus_lowrank(Tensor x, Tensor w, Tensor h, Tensor b, Tensor? bias) -> Tensor")
 _LIB.impl("quack_gemm_plus_lowrank", _gemm_plus_lowrank, "CompositeExplicitAutograd")
 _ops = torch.ops.pixart_tune
@@ -213,6 +233,11 @@ def _(x, w, bias):
 @torch.library.register_fake("pixart_tune::quack_gelu_input_grad")
 def _(dy, w, h):
     return h.new_empty(h.shape), h.new_empty(h.shape)
+
+
+@torch.library.register_fake("pixart_tune::quack_gelu_input_and_bias_grad")
+def _(dy, w, h):
+    return h.new_empty(h.shape), h.new_empty(h.shape), h.new_empty(h.shape[1], dtype=torch.float32)
 
 
 @torch.library.register_fake("pixart_tune::quack_gemm_plus_lowrank")
@@ -279,36 +304,39 @@ class _GeluFeedForward(torch.autograd.Function):
         x2, h, w1, b1, w2, b2 = ctx.saved_tensors
         need = ctx.needs_input_grad  # x, w1, b1, w2, b2
         dy2 = _flat(dy, ctx.dtype)  # (M, C)
-        dh, g = _ops.quack_gelu_input_grad(dy2, w2.to(ctx.dtype), h)  # (M, 4C) each
+        if need[2] and b1 is not None:  # b1's gradient summed in the GELU-gradient kernel's epilogue
+            dh, g, grad_b1 = _ops.quack_gelu_input_and_bias_grad(dy2, w2.to(ctx.dtype), h)  # (M, 4C), (4C,) fp32
+            grad_b1 = grad_b1.to(b1.dtype)
+        else:
+            (dh, g), grad_b1 = _ops.quack_gelu_input_grad(dy2, w2.to(ctx.dtype), h), None  # (M, 4C) each
         grad_w2, grad_b2 = _weight_grads(dy2, g, w2, b2, (need[3], need[4]))
-        grad_w1, grad_b1 = _weight_grads(dh, x2, w1, b1, (need[1], need[2]))
+        grad_w1 = _weight_grads(dh, x2, w1, None, (need[1], False))[0]
         dx = _ops.quack_input_grad(dh, w1.to(ctx.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype) if need[0] else None
         return dx, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-def _with_rank(t: Tensor, lowrank: Tensor, dim: int = 1) -> Tensor:
-    """t and the adapter's rank-r factor joined along the reduction `dim`, zero-padded to a multiple
-    of 8 there (quack's operands need 16-byte rows): [t | lowrank | 0] (M, K + r') for dim 1, the
-    rows [t; lowrank; 0] (K + r', N) for dim 0."""
-    pad = -lowrank.shape[dim] % 8
-    shape = list(lowrank.shape)
-    shape[dim] = pad
-    return torch.cat([t, lowrank] + ([lowrank.new_zeros(shape)] if pad else []), dim=dim)
+def _with_rank(t: Tensor, lowrank: Tensor) -> Tensor:
+    """[t | lowrank | 0] (M, K + r'): t (M, K) and the adapter's rank-r factor (M, r) joined along the
+    reduction, zero-padded to a multiple of 8 there (quack's operands need 16-byte rows)."""
+    pad = -lowrank.shape[1] % 8
+    return torch.cat([t, lowrank] + ([lowrank.new_zeros(lowrank.shape[0], pad)] if pad else []), dim=1)
 
 
 class _LoraGeluFeedForward(torch.autograd.Function):
     """The feed-forward with a LoRA on both linears (frozen weights and biases): the up-projection's
-    adapter term rides in the GELU kernel's reduction, and so does the down-projection's in the
-    input gradient through the GELU:
+    adapter term rides in the GELU kernel's reduction; the input gradients, through the GELU and
+    after it, run on the merged weights:
 
         forward   u1 = x A1^T          h, g = [x | u1] [W1 | s B1]^T + b1, gelu(h)     (one kernel)
                   u2 = g A2^T          y = g W2^T + u2 (s B2)^T + b2
-        backward  v2 = dy (s B2)       dh, g = gelu'(h) * ([dy | v2] [W2; A2]), gelu(h)  (one kernel)
-                  v1 = dh (s B1)       dx = dh W1 + v1 A1
+        backward  dh, g = gelu'(h) * (dy (W2 + s B2 A2)), gelu(h)   (one kernel)
+                  dx = dh (W1 + s B1 A1)
+                  v2 = dy (s B2),  v1 = dh (s B1)
                   dA2 = v2^T g,  dB2 = s dy^T u2,  dA1 = v1^T x,  dB1 = s dh^T u1
 
-    lora_fused's per-layer maths (adapter_forward / adapter_backward) in another order of sums; g is
-    not kept (the backward's kernel writes it again)."""
+    lora_fused's per-layer maths (adapter_forward / adapter_backward, the input gradients on the
+    merged weights as there: lora_fused.merged_weight) in another order of sums; g is not kept (the
+    backward's kernel writes it again)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w1, b1, a1, bb1, w2, b2, a2, bb2, s1: float, s2: float):
@@ -334,13 +362,11 @@ class _LoraGeluFeedForward(torch.autograd.Function):
             raise RuntimeError("the LoRA feed-forward keeps its base weights and biases frozen")
         a1c, b1s, a2c, b2s = a1.to(dtype), (bb1 * s1).to(dtype), a2.to(dtype), (bb2 * s2).to(dtype)
         dy2 = _flat(dy, dtype)  # (M, C)
-        v2 = dy2 @ b2s  # (M, r)
-        w2a = _with_rank(w2.to(dtype), a2c, dim=0)  # [W2; A2; 0] (C + r', 4C)
-        dh, g = _ops.quack_gelu_input_grad(_with_rank(dy2, v2), w2a, h)  # (M, 4C) each
-        v1 = dh @ b1s  # (M, r)
+        dh, g = _ops.quack_gelu_input_grad(dy2, merged_weight(w2, b2s, a2c), h)  # (M, 4C) each
+        v2, v1 = dy2 @ b2s, dh @ b1s  # (M, r) each
         dx = None
         if need[0]:
-            dx = _ops.quack_gemm_plus_lowrank(dh, w1.to(dtype), v1, a1c, None).reshape(ctx.x_shape).to(ctx.x_dtype)
+            dx = _ops.quack_input_grad(dh, merged_weight(w1, b1s, a1c)).reshape(ctx.x_shape).to(ctx.x_dtype)
         grad_a1 = (v1.t() @ x2).to(a1.dtype) if need[3] else None  # (r, C)
         grad_b1 = (dh.t() @ u1).mul_(s1).to(bb1.dtype) if need[4] else None  # (4C, r)
         grad_a2 = (v2.t() @ g).to(a2.dtype) if need[7] else None  # (r, 4C)

@@ -385,7 +385,8 @@ def _layout_row(m: int, k: int, n: int) -> dict:
 
 def quack_gemms(m: int = 32768) -> list[dict]:
     """quack_gemm.py's operators against what runs without them, at PixArt's shapes: each plain product
-    (cuBLAS, then the operator), and the feed-forward's GELU kernels against cuBLAS plus Inductor's GELU."""
+    (cuBLAS, then the operator), and the feed-forward's GELU kernels against cuBLAS plus Inductor's GELU
+    (the GELU gradient's also with the up-projection's bias gradient: a sum after it, or in its epilogue)."""
     ops = torch.ops.pixart_tune
     from pixart_tune import quack_gemm  # noqa: F401 - registers the operators
 
@@ -401,6 +402,10 @@ def quack_gemms(m: int = 32768) -> list[dict]:
            "ff_up_gelu_quack_ms": timed(lambda: ops.quack_gelu_linear(x, w1, b1)),
            "ff_down_dx_dgelu_cublas_inductor_ms": timed(lambda: dgelu(dy @ w2, h)),
            "ff_down_dx_dgelu_quack_ms": timed(lambda: ops.quack_gelu_input_grad(dy, w2, h)),
+           # with the up-projection's bias gradient: then a sum over dh, or in the kernel's epilogue
+           "ff_down_dx_dgelu_db1_quack_then_sum_ms": timed(lambda: ops.quack_gelu_input_grad(dy, w2, h)[0].sum(0, dtype=torch.float32)),
+           "ff_down_dx_dgelu_db1_quack_ms": timed(lambda: ops.quack_gelu_input_and_bias_grad(dy, w2, h)),
+           "db1_err": rel_err(ops.quack_gelu_input_and_bias_grad(dy, w2, h)[2], dgelu(dy @ w2, h).float().sum(0)),
            "gelu_err": rel_err(ops.quack_gelu_linear(x, w1, b1)[1], gelu(h)),
            "dgelu_err": rel_err(ops.quack_gelu_input_grad(dy, w2, h)[0], dgelu(dy @ w2, h))}  # fmt: skip
     print(json.dumps(row), flush=True)

@@ -1,6 +1,6 @@
 """train.quack_gemms (quack_gemm.py): the feed-forward and projection functions against the plain modules.
 
-quack's kernels run only on Hopper GPUs. Elsewhere the four operators run their PyTorch maths, which
+quack's kernels run only on Hopper GPUs. Elsewhere the operators run their PyTorch maths, which
 checks everything of ours: the autograd functions' gradients and dtypes, the processor and
 feed-forward wiring, the operators' fake shapes under torch.compile, and the trainer's switch. The
 GPU test compares quack's kernels themselves with fp32.
@@ -22,7 +22,8 @@ from pixart_tune.fa4 import sdpa_attention, use_fa4
 from pixart_tune.quack_gemm import quack_linear, quack_runs_on, use_quack_gemms
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-OPS = ("quack_linear", "quack_input_grad", "quack_gelu_linear", "quack_gelu_input_grad", "quack_gemm_plus_lowrank")
+OPS = ("quack_linear", "quack_input_grad", "quack_gelu_linear", "quack_gelu_input_grad", "quack_gelu_input_and_bias_grad",
+       "quack_gemm_plus_lowrank")
 
 
 def _fast(tiny_base, quack: bool):
@@ -36,7 +37,7 @@ def _fast(tiny_base, quack: bool):
 
 
 class _OpCounter(TorchDispatchMode):
-    """Counts the calls of our four operators."""
+    """Counts the calls of our operators."""
 
     def __init__(self):
         super().__init__()
@@ -63,10 +64,10 @@ def test_on_the_tiny_model_it_is_the_plain_models_maths(tiny_base):
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     # per block: forward q/k/v (joint), out and FF down, FF up with its GELU; backward the input
-    # gradients of q/k/v, out and FF up, and FF down's through the GELU
+    # gradients of q/k/v, out and FF up, and FF down's through the GELU with FF up's bias gradient
     blocks = len(model.transformer_blocks)
     assert counter.calls == {"quack_linear": 3 * blocks, "quack_gelu_linear": blocks,
-                             "quack_input_grad": 3 * blocks, "quack_gelu_input_grad": blocks}  # fmt: skip
+                             "quack_input_grad": 3 * blocks, "quack_gelu_input_and_bias_grad": blocks}  # fmt: skip
 
 
 @pytest.mark.parametrize("rank", [4, 8])  # 4: the rank padded to 8 in the joined reduction
@@ -89,10 +90,10 @@ def test_lora_feed_forwards_give_the_fused_lora_layers_maths(tiny_base, rank):
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     blocks = len(fast.base_model.model.transformer_blocks)
-    # per block: the up-projection with its GELU, forward and backward; the two long reductions
-    # (the down-projection's forward, the up-projection's input gradient) adding into the adapter's term
+    # per block: the up-projection with its GELU, forward and backward; the down-projection's forward
+    # adding into the adapter's term; the up-projection's input gradient on the merged weight
     assert counter.calls == {"quack_gelu_linear": blocks, "quack_gelu_input_grad": blocks,
-                             "quack_gemm_plus_lowrank": 2 * blocks}  # fmt: skip
+                             "quack_gemm_plus_lowrank": blocks, "quack_input_grad": blocks}  # fmt: skip
 
 
 def test_under_bf16_autocast_fp32_masters_get_fp32_gradients(tiny_base):
@@ -142,6 +143,7 @@ def test_operators_pass_opcheck(op):
     x, w, dy = (torch.randn(*s, generator=g) for s in ((6, 8), (16, 8), (6, 16)))
     args = {"quack_linear": (x, w, torch.randn(16, generator=g)), "quack_input_grad": (dy, w),
             "quack_gelu_linear": (x, w, None), "quack_gelu_input_grad": (dy, w, torch.randn(6, 8, generator=g)),
+            "quack_gelu_input_and_bias_grad": (dy, w, torch.randn(6, 8, generator=g)),
             "quack_gemm_plus_lowrank": (x, w.t(), torch.randn(6, 4, generator=g), torch.randn(4, 16, generator=g),
                                         torch.randn(16, generator=g))}[op]  # fmt: skip
     torch.library.opcheck(getattr(torch.ops.pixart_tune, op).default, args)
@@ -229,7 +231,7 @@ def test_quack_kernels_match_fp32_on_gpu(op):
     m, k, n = 4096, 256, 1024
     x, w, dy, bias, h = randn(m, k), randn(n, k, scale=k**-0.5), randn(m, n), randn(n, scale=0.1), randn(m, k)
     args = {"quack_linear": (x, w, bias), "quack_input_grad": (dy, w), "quack_gelu_linear": (x, w, bias),
-            "quack_gelu_input_grad": (dy, w, h),
+            "quack_gelu_input_grad": (dy, w, h), "quack_gelu_input_and_bias_grad": (dy, w, h),
             "quack_gemm_plus_lowrank": (x, w.t(), randn(m, 16), randn(16, n, scale=0.1), bias)}[op]  # fmt: skip
     got = getattr(torch.ops.pixart_tune, op)(*args)
     want = getattr(quack_gemm, "_" + op.removeprefix("quack_"))(*(None if a is None else a.double().cpu() for a in args))
