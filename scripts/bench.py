@@ -15,6 +15,7 @@ and prints one table with ratios, the card and the software versions.
     python scripts/bench.py                      # on a GPU: everything (~10 min on an H100)
     python scripts/bench.py --smoke              # CPU, tiny kit, seconds: checks the script runs
     python scripts/bench.py --only headline --work W   # the README's main rows; then --only baselines --work W
+    python scripts/bench.py --only main_rows --work W  # LoRA and full fine-tune once each (A/B across versions)
     python scripts/bench.py --multi-gpu          # 1 vs 2 processes through accelerate launch
 """
 
@@ -347,6 +348,9 @@ def run_sections(args, work: Path) -> dict:
         ours("full_fa4", base, data, res, [*fa4, *FULL])
         ours("full_fa4_cublas", base, data, res, [*fa4, *FULL, "train.quack_gemms=false"])
         ours("full_fa4_2", base, data, res, [*fa4, *FULL])
+    if "main_rows" in want and not smoke and not fa4_missing:  # the two main rows once: A/B across versions, by process
+        ours("lora_fa4", base, data, res, fa4)
+        ours("full_fa4", base, data, res, [*fa4, *FULL])
     if "quack" in want and not smoke and not fa4_missing:  # train.quack_gemms off and on, ABAB, LoRA then full
         for name in ("lora_fa4_cublas", "lora_fa4", "lora_fa4_cublas_2", "lora_fa4_2"):
             ours(name, base, data, res, [*fa4, *(["train.quack_gemms=false"] if "cublas" in name else [])])
