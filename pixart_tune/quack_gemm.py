@@ -47,6 +47,12 @@ from .lora_fused import _fp8_copies, compute_dtype, give_forward, joinable, merg
 
 MIN_ROWS = 2048  # fewer tokens than this: too few output tiles to fill the GPU; cuBLAS picks better
 GELU = "gelu_tanh_approx"  # quack's name for PyTorch's gelu(approximate="tanh")
+# quack's GEMMs are persistent: one CTA per SM works through the output tiles. With the dynamic scheduler
+# each CTA takes its next tile from an atomic counter; with the static one (quack's default for plain
+# GEMMs) it owns a fixed list. Under FSDP2 and DDP, NCCL's kernels hold some SMs while a GEMM runs, and
+# a static list waits for them whole: on 2x H200, FSDP2's full fine-tune ran at 39.37 samples/s with
+# the static GEMMs against 41.46 without quack (scripts/results/NOTES.md, "Two GPUs").
+DYNAMIC = True
 
 
 @functools.cache
@@ -111,17 +117,15 @@ def quack_problem() -> str | None:
     x, w, bias, dy, h = randn(m, k), randn(n, k, scale=k**-0.5), randn(n, scale=0.1), randn(m, n), randn(m, k)
     u, b = randn(m, r), randn(r, n, scale=0.1)
     f = [t.float() for t in (x, w, bias, dy, h, u, b)]
-    checks = {  # name: (quack's result, the fp32 reference)
-        "gemm": (lambda: _quack().gemm(x, w.t(), bias=bias, tuned=False), lambda: F.linear(*f[:3])),
-        "input gradient": (lambda: _quack().gemm(dy, w, tuned=False), lambda: f[3] @ f[1]),
-        "GELU epilogue": (lambda: _quack().gemm_act(x, w.t(), bias=bias, activation=GELU, tuned=False)[1],
-                          lambda: F.gelu(F.linear(*f[:3]), approximate="tanh")),
-        "GELU-gradient epilogue": (lambda: _quack().gemm_dact(dy, w, h, activation=GELU, tuned=False)[0],
+    checks = {  # name: (the operator's result, on quack at this shape; the fp32 reference)
+        "gemm": (lambda: _linear(x, w, bias), lambda: F.linear(*f[:3])),
+        "input gradient": (lambda: _input_grad(dy, w), lambda: f[3] @ f[1]),
+        "GELU epilogue": (lambda: _gelu_linear(x, w, bias)[1], lambda: F.gelu(F.linear(*f[:3]), approximate="tanh")),
+        "GELU-gradient epilogue": (lambda: _gelu_input_grad(dy, w, h)[0],
                                    lambda: torch.ops.aten.gelu_backward(f[3] @ f[1], f[4], approximate="tanh")),
         "bias-gradient epilogue": (lambda: _gelu_input_and_bias_grad(dy, w, h)[2],
                                    lambda: torch.ops.aten.gelu_backward(f[3] @ f[1], f[4], approximate="tanh").sum(0)),
-        "in-place add": (lambda: _quack().gemm_add_inplace(x, w.t(), out := u @ b, tuned=False) or out,
-                         lambda: f[5] @ f[6] + f[0] @ f[1].t()),
+        "in-place add": (lambda: _gemm_plus_lowrank(x, w.t(), u, b, None), lambda: f[5] @ f[6] + f[0] @ f[1].t()),
     }  # fmt: skip
     for name, (got, want) in checks.items():
         try:
@@ -147,21 +151,21 @@ def _on_quack(*tensors: Tensor) -> bool:
 def _linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     """x @ w^T + bias: (M, N)."""
     if _on_quack(x, w):
-        return _quack().gemm(x, w.t(), bias=bias, tuned=False)
+        return _quack().gemm(x, w.t(), bias=bias, tuned=False, dynamic_scheduler=DYNAMIC)
     return F.linear(x, w, bias)
 
 
 def _input_grad(dy: Tensor, w: Tensor) -> Tensor:
     """dy @ w: (M, K) for dy (M, N)."""
     if _on_quack(dy, w.t()):
-        return _quack().gemm(dy, w, tuned=False)
+        return _quack().gemm(dy, w, tuned=False, dynamic_scheduler=DYNAMIC)
     return dy @ w
 
 
 def _gelu_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """h = x @ w^T + bias and gelu(h) (tanh form): both (M, N)."""
     if _on_quack(x, w):
-        return _quack().gemm_act(x, w.t(), bias=bias, activation=GELU, tuned=False)
+        return _quack().gemm_act(x, w.t(), bias=bias, activation=GELU, tuned=False, dynamic_scheduler=DYNAMIC)
     h = F.linear(x, w, bias)
     return h, F.gelu(h, approximate="tanh")
 
@@ -169,7 +173,7 @@ def _gelu_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> tuple[Tensor, Ten
 def _gelu_input_grad(dy: Tensor, w: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     """dh = gelu'(h) * (dy @ w) and gelu(h), for dy (M, N), w (N, K), h (M, K): both (M, K)."""
     if _on_quack(dy, w.t(), h):
-        return _quack().gemm_dact(dy, w, h, activation=GELU, tuned=False)
+        return _quack().gemm_dact(dy, w, h, activation=GELU, tuned=False, dynamic_scheduler=DYNAMIC)
     dg = dy @ w
     return torch.ops.aten.gelu_backward(dg, h, approximate="tanh"), F.gelu(h, approximate="tanh")
 
@@ -183,7 +187,7 @@ def _gelu_input_and_bias_grad(dy: Tensor, w: Tensor, h: Tensor) -> tuple[Tensor,
         from quack.epilogue.library import dgelu_dbias_mod
 
         out = dgelu_dbias_mod(dy, w, h, out={"D": torch.empty_like(h), "postact": torch.empty_like(h)},
-                              tuned=False, dynamic_scheduler=True)  # fmt: skip
+                              tuned=False, dynamic_scheduler=DYNAMIC)  # fmt: skip
         return out["D"], out["postact"], out["dbias"]
     dh, g = _gelu_input_grad(dy, w, h)
     return dh, g, dh.sum(0, dtype=torch.float32)
@@ -194,7 +198,7 @@ def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor 
     reductions, the big GEMM on quack's kernel adding into the low-rank product in place."""
     out = torch.mm(h, b) if bias is None else torch.addmm(bias, h, b)  # (M, N)
     if _on_quack(x, w.t()):
-        _quack().gemm_add_inplace(x, w, out, tuned=False)
+        _quack().gemm_add_inplace(x, w, out, tuned=False, dynamic_scheduler=DYNAMIC)
         return out
     return out.addmm_(x, w)
 
