@@ -83,6 +83,14 @@ def _quack():
     return gemm_interface
 
 
+def _dgelu_dbias_mod():
+    """quack's GELU-gradient epilogue with the bias gradient's row reduction (its epilogue library)."""
+    _quack()  # the fingerprint shim, before quack's epilogue library compiles anything
+    from quack.epilogue.library import dgelu_dbias_mod
+
+    return dgelu_dbias_mod
+
+
 @functools.cache
 def quack_installed() -> bool:
     return importlib.util.find_spec("quack") is not None
@@ -183,11 +191,8 @@ def _gelu_input_and_bias_grad(dy: Tensor, w: Tensor, h: Tensor) -> tuple[Tensor,
     gradient of the layer that made h, summed in the same kernel's epilogue from the unrounded dh
     (cuBLAS + Inductor: a further pass over dh, 302 MB a layer at batch 8)."""
     if _on_quack(dy, w.t(), h):
-        _quack()  # the fingerprint shim, before quack's epilogue library compiles anything
-        from quack.epilogue.library import dgelu_dbias_mod
-
-        out = dgelu_dbias_mod(dy, w, h, out={"D": torch.empty_like(h), "postact": torch.empty_like(h)},
-                              tuned=False, dynamic_scheduler=DYNAMIC)  # fmt: skip
+        out = _dgelu_dbias_mod()(dy, w, h, out={"D": torch.empty_like(h), "postact": torch.empty_like(h)},
+                                 tuned=False, dynamic_scheduler=DYNAMIC)  # fmt: skip
         return out["D"], out["postact"], out["dbias"]
     dh, g = _gelu_input_grad(dy, w, h)
     return dh, g, dh.sum(0, dtype=torch.float32)

@@ -206,6 +206,59 @@ def test_a_failed_start_up_check_leaves_the_usual_kernels(tmp_path, tiny_home, m
     assert calls == [] and (final / "adapter_model.safetensors").is_file()
 
 
+class _FakeQuack:
+    """Stands in for quack's interface on CPU: the same maths in PyTorch, and a note of the tile
+    scheduler each GEMM was asked for (quack's default for plain GEMMs is the static one)."""
+
+    def __init__(self):
+        self.dynamic = []
+
+    def _note(self, kwargs):
+        self.dynamic.append(kwargs.get("dynamic_scheduler", False))
+
+    def gemm(self, a, b, bias=None, **kwargs):
+        self._note(kwargs)
+        return a @ b if bias is None else a @ b + bias
+
+    def gemm_act(self, a, b, bias=None, activation=None, **kwargs):
+        self._note(kwargs)
+        h = a @ b if bias is None else a @ b + bias
+        return h, F.gelu(h, approximate="tanh")
+
+    def gemm_dact(self, a, b, preact, activation=None, **kwargs):
+        self._note(kwargs)
+        return torch.ops.aten.gelu_backward(a @ b, preact, approximate="tanh"), F.gelu(preact, approximate="tanh")
+
+    def gemm_add_inplace(self, a, b, out, **kwargs):
+        self._note(kwargs)
+        out.add_(a @ b)
+
+    def dgelu_dbias(self, a, b, preact, out, **kwargs):
+        dx, postact = self.gemm_dact(a, b, preact, **kwargs)
+        return {"D": dx, "postact": postact, "dbias": dx.sum(0)}
+
+
+def test_every_quack_gemm_asks_for_the_dynamic_tile_scheduler(monkeypatch):
+    """Under FSDP2 quack's static schedule cost 5% (NCCL's kernels hold SMs beside the persistent
+    GEMMs): every operator must ask for the dynamic one, and still give the plain maths."""
+    fake = _FakeQuack()
+    monkeypatch.setattr(quack_gemm, "_quack", lambda: fake)
+    monkeypatch.setattr(quack_gemm, "_dgelu_dbias_mod", lambda: fake.dgelu_dbias)
+    g = torch.Generator().manual_seed(0)
+    x, w, dy, h = (torch.randn(*s, generator=g) for s in ((6, 8), (16, 8), (6, 16), (6, 8)))
+    bias, u, b = torch.randn(16, generator=g), torch.randn(6, 4, generator=g), torch.randn(4, 16, generator=g)
+    calls = {"_linear": (x, w, bias), "_input_grad": (dy, w), "_gelu_linear": (x, w, bias),
+             "_gelu_input_grad": (dy, w, h), "_gelu_input_and_bias_grad": (dy, w, h),
+             "_gemm_plus_lowrank": (x, w.t(), u, b, bias)}  # fmt: skip
+    plain = {name: getattr(quack_gemm, name)(*args) for name, args in calls.items()}  # _on_quack: False on CPU
+    monkeypatch.setattr(quack_gemm, "_on_quack", lambda *tensors: True)
+    for name, args in calls.items():
+        got = getattr(quack_gemm, name)(*args)
+        for a, want in zip(got if isinstance(got, tuple) else (got,), plain[name] if isinstance(got, tuple) else (plain[name],)):
+            torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5, msg=name)
+    assert fake.dynamic == [True] * len(calls)
+
+
 def test_quack_runs_only_on_hopper_gpus():
     assert not quack_runs_on(torch.device("cpu"))
 
