@@ -30,6 +30,7 @@ from .models import DTYPES, load_transformer, resolve_base
 from .optim import make_lr_schedule, make_optimizer
 from .prefetch import BatchPrefetcher
 from .speed import apply_compile, resolve_attention
+from .step_profile import step_profiler
 
 
 class StopVote:
@@ -304,6 +305,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         accelerator.wait_for_everyone()
         return path
 
+    profiler = step_profiler(run_dir, rank)  # PIXART_TUNE_PROFILE=FIRST:COUNT traces a few steps; else a no-op
     # Ctrl-C reaches every process; each notes it, and all stop after the same step (see below).
     interrupted = []
     stop_vote = StopVote(accelerator) if world > 1 else None  # one process needs no vote (nor its pinned buffer)
@@ -375,7 +377,9 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
             stop = stop_vote(bool(interrupted)) if stop_vote else bool(interrupted)
             if stop:
                 raise TrainingInterrupted(checkpoint(done, read_loss(done)))
+            profiler.step()
     finally:
+        profiler.stop()
         batches.close()
         bar.close()
         if in_main_thread:

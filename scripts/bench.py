@@ -17,6 +17,7 @@ and prints one table with ratios, the card and the software versions.
     python scripts/bench.py --only headline --work W   # the README's main rows; then --only baselines --work W
     python scripts/bench.py --only main_rows --work W  # LoRA and full fine-tune once each (A/B across versions)
     python scripts/bench.py --multi-gpu          # 1 vs 2 processes through accelerate launch
+    python scripts/bench.py --multi-gpu --only fsdp --trace 8:4   # and where each process's step goes
 """
 
 from __future__ import annotations
@@ -457,6 +458,8 @@ def multi_gpu(args, work: Path) -> dict:
     steps = args.steps or 40
     out = {}
     env = {**os.environ, **NO_NVLINK_MULTICAST}
+    if args.trace:  # every process traces a few steps (pixart_tune/step_profile.py), summarised below
+        env["PIXART_TUNE_PROFILE"] = args.trace
     variants = [("lora", 1, ""), ("lora", 2, ""), ("full", 1, ""), ("full", 2, ""), ("full", 2, "fsdp")]
     if args.only:  # --only lora / full (DDP) / fsdp; FSDP2 is compared with the 1-GPU full fine-tune
         chosen = [v for v in variants if (v[2] or v[0]) in args.only]
@@ -486,6 +489,11 @@ def multi_gpu(args, work: Path) -> dict:
         out[f"{name}-peak_gib"] = rows[-1].get("peak_gib")  # the main process's GPU
         out[f"{name}-losses"] = [round(x["loss"], 4) for x in rows]
         print(f"multi-gpu {name}: {out[name]:.2f} samples/s, peak {out[f'{name}-peak_gib']} GiB", flush=True)
+        if args.trace:
+            count = int(args.trace.split(":")[1])
+            out[f"{name}-trace"] = {path.stem: trace_summary(json.loads(path.read_text())["traceEvents"], count)
+                                    for path in sorted((run / "profile").glob("rank*.json"))}  # fmt: skip
+            print(f"multi-gpu {name} trace: {json.dumps(out[f'{name}-trace'])}", flush=True)
     for two, one in (("lora-2gpu", "lora-1gpu"), ("full-2gpu", "full-1gpu"), ("full-fsdp-2gpu", "full-1gpu")):
         if out.get(two) and out.get(one):
             out[f"{two}-scaling"] = out[two] / out[one]
@@ -560,6 +568,31 @@ def profile_step(args, work: Path, extra: tuple[str, ...] = ()) -> dict:
     return result
 
 
+SYNCS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
+
+
+def trace_summary(events: list[dict], steps: int) -> dict:
+    """One process's traced training steps (step_profile.py's Chrome trace), per step in ms: the
+    host's step (the ProfilerStep spans), the time the GPU is busy (the union of its kernels and
+    copies, so overlapping streams count once), the NCCL kernels' share of that, the host's waits
+    in CUDA syncs, and gpu_idle's gaps. A GPU busy for about the whole step is bound by its work (the
+    collectives included); one that idles while the host is not waiting is waiting on the host."""
+    host = [e["dur"] for e in events  # the host's spans (the GPU's copies are "gpu_user_annotation")
+            if e.get("cat") == "user_annotation" and e.get("name", "").startswith("ProfilerStep#")]  # fmt: skip
+    gpu = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)  # fmt: skip
+    busy, end = 0.0, float("-inf")
+    for start, stop in gpu:  # the union of the intervals
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    nccl = sum(e["dur"] for e in events if e.get("cat") == "kernel" and "nccl" in e.get("name", "").lower())
+    syncs = sum(e["dur"] for e in events if e.get("name") in SYNCS and "dur" in e)
+    per_step = steps * 1e3  # us -> ms a step
+    return {"host_step_ms": sum(host) / max(len(host), 1) / 1e3, "gpu_busy_ms": busy / per_step,
+            "nccl_kernels_ms": nccl / per_step, "host_sync_wait_ms": syncs / per_step,
+            "gpu_idle": gpu_idle(events, steps)}  # fmt: skip
+
+
 def gpu_idle(events: list[dict], steps: int) -> dict:
     """Where the GPU waits between its kernels, from a profiler trace: the idle time per step in gaps
     by size, and the kernels that most often come right after a gap of 20 us or more (where the host
@@ -596,10 +629,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="recipe overrides for every training row (and --multi-gpu variant, --profile run), e.g. train.attention=fa4")
+    p.add_argument("--trace", default=None, metavar="FIRST:COUNT",
+                   help="with --multi-gpu: every process traces COUNT steps after FIRST (PIXART_TUNE_PROFILE), summarised")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
+    if args.trace:
+        from pixart_tune.step_profile import parse_spec
+
+        parse_spec(args.trace)  # a malformed value stops here, before any model is written
     work = Path(args.work or tempfile.mkdtemp(prefix="pixart-bench-"))
     if args.multi_gpu or args.profile:
         results = {}

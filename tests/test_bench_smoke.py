@@ -46,6 +46,27 @@ def test_gpu_idle_sums_the_gaps_between_kernels_by_size():
     assert gpu_idle([{"cat": "gpu_memcpy", "name": "load", "ts": 0, "dur": 1}], steps=1)["idle_ms_per_step"] == 0
 
 
+def test_trace_summary_splits_a_traced_step_into_gpu_busy_collectives_and_host_waits():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from bench import trace_summary
+    finally:
+        sys.path.pop(0)
+    kernel = {"cat": "kernel"}
+    events = [{"cat": "user_annotation", "name": "ProfilerStep#2", "ts": 0, "dur": 1000},
+              {"cat": "gpu_user_annotation", "name": "ProfilerStep#2", "ts": 0, "dur": 5000},  # the GPU's copy
+              {"cat": "user_annotation", "name": "ProfilerStep#3", "ts": 1000, "dur": 3000},
+              {**kernel, "name": "gemm a", "ts": 0, "dur": 400},
+              {**kernel, "name": "ncclDevKernel_AllGather", "ts": 200, "dur": 400},  # overlaps a: 200 us more
+              {**kernel, "name": "flash b", "ts": 1600, "dur": 400},  # after a 1 ms gap
+              {"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 1000, "dur": 600}]  # fmt: skip
+    summary = trace_summary(events, steps=2)
+    assert summary["host_step_ms"] == 2.0  # (1000 + 3000) us / 2, the GPU's annotation left out
+    assert summary["gpu_busy_ms"] == 0.5  # union: 0-600 and 1600-2000 us, over 2 steps
+    assert summary["nccl_kernels_ms"] == 0.2 and summary["host_sync_wait_ms"] == 0.3
+    assert summary["gpu_idle"]["idle_ms_per_step"] == 0.5  # the 1 ms gap, over 2 steps
+
+
 def test_kernel_groups_put_inductors_kernels_apart_from_the_matmuls():
     sys.path.insert(0, str(REPO / "scripts"))
     try:

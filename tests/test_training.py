@@ -262,6 +262,23 @@ def test_run_directory_files(tmp_path, cache_dir):
     assert (run / "final" / "adapter_model.safetensors").is_file() and (run / "config.yaml").is_file()
 
 
+def test_a_profile_of_a_few_steps_is_written_per_process(tmp_path, cache_dir, monkeypatch):
+    """PIXART_TUNE_PROFILE=FIRST:COUNT: a Chrome trace of COUNT steps (after FIRST, and one to warm the
+    profiler up) in the run's profile/ folder; a malformed value stops the run naming the variable."""
+    from pixart_tune import train
+
+    monkeypatch.setenv("PIXART_TUNE_PROFILE", "1:2")
+    run = tmp_path / "run"
+    train(RECIPE, _overrides(run, cache_dir, "train.steps=5"), show_progress=False)
+    events = json.loads((run / "profile" / "rank0.json").read_text())["traceEvents"]
+    steps = sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
+    assert steps == ["ProfilerStep#2", "ProfilerStep#3"]
+    assert any(e.get("name") == "aten::mm" for e in events)  # the steps' ops are in it
+    monkeypatch.setenv("PIXART_TUNE_PROFILE", "8")
+    with pytest.raises(ValueError, match="PIXART_TUNE_PROFILE='8': expected FIRST:COUNT"):
+        train(RECIPE, _overrides(tmp_path / "bad", cache_dir, "train.steps=2"), show_progress=False)
+
+
 def test_auto_attention_is_resolved_per_run_and_config_keeps_auto(tmp_path, cache_dir, monkeypatch, capsys):
     """What `auto` becomes is decided on the machine that trains (printed); config.yaml keeps `auto`
     for another machine, and a Config passed in is not changed."""
