@@ -24,12 +24,18 @@ def test_bench_smoke(tmp_path, tiny_home):
     assert "torch " in result.stdout and "diffusers " in result.stdout  # versions are part of the table
 
 
-def test_gpu_idle_sums_the_gaps_between_kernels_by_size():
+def _bench():
+    """scripts/bench.py as a module (scripts/ is not a package)."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
-        from bench import gpu_idle
+        import bench
     finally:
         sys.path.pop(0)
+    return bench
+
+
+def test_gpu_idle_sums_the_gaps_between_kernels_by_size():
+    gpu_idle = _bench().gpu_idle
     kernel = {"cat": "kernel"}
     events = [{"cat": "gpu_memcpy", "name": "load", "ts": -900, "dur": 10},  # before the first compute kernel
               {**kernel, "name": "gemm a", "ts": 0, "dur": 100}, {**kernel, "name": "b", "ts": 50, "dur": 100},
@@ -47,11 +53,7 @@ def test_gpu_idle_sums_the_gaps_between_kernels_by_size():
 
 
 def test_trace_summary_splits_a_traced_step_into_gpu_busy_collectives_and_host_waits():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from bench import trace_summary
-    finally:
-        sys.path.pop(0)
+    trace_summary = _bench().trace_summary
     kernel = {"cat": "kernel"}
     events = [{"cat": "user_annotation", "name": "ProfilerStep#2", "ts": 0, "dur": 1000},
               {"cat": "gpu_user_annotation", "name": "ProfilerStep#2", "ts": 0, "dur": 5000},  # the GPU's copy
@@ -68,11 +70,7 @@ def test_trace_summary_splits_a_traced_step_into_gpu_busy_collectives_and_host_w
 
 
 def test_kernel_groups_put_inductors_kernels_apart_from_the_matmuls():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        from bench import kernel_group
-    finally:
-        sys.path.pop(0)
+    kernel_group = _bench().kernel_group
     # Inductor names a kernel after the ops it fuses: one that quantises a GEMM operator's input says "gemm"
     assert kernel_group("triton_poi_fused__to_copy_clamp_div_gelu_gemm_scaled_plus_lowrank_t_unsqueeze_15") == (
         "fused elementwise (triton)")
