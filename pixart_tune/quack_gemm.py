@@ -209,18 +209,17 @@ def _gemm_plus_lowrank(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor 
 
 
 _LIB = torch.library.Library("pixart_tune", "FRAGMENT")
-_LIB.define("quack_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor")
-_LIB.impl("quack_linear", _linear, "CompositeExplicitAutograd")
-_LIB.define("quack_input_grad(Tensor dy, Tensor w) -> Tensor")
-_LIB.impl("quack_input_grad", _input_grad, "CompositeExplicitAutograd")
-_LIB.define("quack_gelu_linear(Tensor x, Tensor w, Tensor? bias) -> (Tensor, Tensor)")
-_LIB.impl("quack_gelu_linear", _gelu_linear, "CompositeExplicitAutograd")
-_LIB.define("quack_gelu_input_grad(Tensor dy, Tensor w, Tensor h) -> (Tensor, Tensor)")
-_LIB.impl("quack_gelu_input_grad", _gelu_input_grad, "CompositeExplicitAutograd")
-_LIB.define("quack_gelu_input_and_bias_grad(Tensor dy, Tensor w, Tensor h) -> (Tensor, Tensor, Tensor)")
-_LIB.impl("quack_gelu_input_and_bias_grad", _gelu_input_and_bias_grad, "CompositeExplicitAutograd")
-_LIB.define("quack_gemm_plus_lowrank(Tensor x, Tensor w, Tensor h, Tensor b, Tensor? bias) -> Tensor")
-_LIB.impl("quack_gemm_plus_lowrank", _gemm_plus_lowrank, "CompositeExplicitAutograd")
+for _schema, _impl in (  # each operator's name opens its schema
+    ("quack_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor", _linear),
+    ("quack_input_grad(Tensor dy, Tensor w) -> Tensor", _input_grad),
+    ("quack_gelu_linear(Tensor x, Tensor w, Tensor? bias) -> (Tensor, Tensor)", _gelu_linear),
+    ("quack_gelu_input_grad(Tensor dy, Tensor w, Tensor h) -> (Tensor, Tensor)", _gelu_input_grad),
+    ("quack_gelu_input_and_bias_grad(Tensor dy, Tensor w, Tensor h) -> (Tensor, Tensor, Tensor)",
+     _gelu_input_and_bias_grad),
+    ("quack_gemm_plus_lowrank(Tensor x, Tensor w, Tensor h, Tensor b, Tensor? bias) -> Tensor", _gemm_plus_lowrank),
+):  # fmt: skip
+    _LIB.define(_schema)
+    _LIB.impl(_schema.split("(")[0], _impl, "CompositeExplicitAutograd")
 _ops = torch.ops.pixart_tune
 
 
