@@ -114,8 +114,9 @@ class TrainConfig(_Section):
     # fine-tunes, fp32-weight LoRA) would make it fp32 (stream.py); the tables' masters stay fp32.
     bf16_stream: bool = True
     # On Hopper with quack installed (flash-attn-4 brings it): the blocks' feed-forward, GELU and its
-    # gradient included, and FA4's q/k/v and out projections run on quack's GEMMs (quack_gemm.py). For
-    # plain linears: a full fine-tune's, frozen ones; LoRA layers keep their own fused kernels.
+    # gradient included, and FA4's q/k/v and out projections run on quack's GEMMs (quack_gemm.py): plain
+    # linears (a full fine-tune's, frozen ones) and LoRA feed-forwards; LoRA attention projections keep
+    # their own fused kernels.
     quack_gemms: bool = True
     log_every: int = Field(10, ge=1)
     log_with: Literal["tensorboard", "none"] = "tensorboard"

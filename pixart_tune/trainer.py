@@ -129,7 +129,8 @@ def prepare_model(cfg: Config, base: str):
 
         use_bf16_stream(model)
     if t.quack_gemms and t.mixed_precision != "no":
-        from .quack_gemm import quack_problem, quack_runs_on, use_quack_gemms
+        from .quack_gemm import use_quack_gemms
+        from .quack_ops import quack_problem, quack_runs_on
 
         if quack_runs_on(torch.device("cuda")):
             problem = quack_problem()

@@ -8,7 +8,7 @@
     python scripts/probe_kernels.py fp8-gemms [--out F]    # train.fp8's GEMMs and quantisation costs
     python scripts/probe_kernels.py cross-attention-fold [--out F]  # attn2 folded (cross_attention.py) vs SDPA
     python scripts/probe_kernels.py linear-gemm-layouts [--out F]  # a trainable linear's GEMMs in each layout
-    python scripts/probe_kernels.py quack-gemms [--out F]  # quack_gemm.py's operators against cuBLAS (+ Inductor)
+    python scripts/probe_kernels.py quack-gemms [--out F]  # quack_ops.py's operators against cuBLAS (+ Inductor)
 
 lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
 GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
@@ -384,11 +384,11 @@ def _layout_row(m: int, k: int, n: int) -> dict:
 
 
 def quack_gemms(m: int = 32768) -> list[dict]:
-    """quack_gemm.py's operators against what runs without them, at PixArt's shapes: each plain product
+    """quack_ops.py's operators against what runs without them, at PixArt's shapes: each plain product
     (cuBLAS, then the operator), and the feed-forward's GELU kernels against cuBLAS plus Inductor's GELU
     (the GELU gradient's also with the up-projection's bias gradient: a sum after it, or in its epilogue)."""
     ops = torch.ops.pixart_tune
-    from pixart_tune import quack_gemm  # noqa: F401 - registers the operators
+    from pixart_tune import quack_ops  # noqa: F401 - registers the operators
 
     rows = [_quack_row(m, k, n) for k, n in ((1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152))]
     x, dy = torch.randn(m, 1152, device="cuda", dtype=torch.bfloat16), torch.randn(m, 1152, device="cuda", dtype=torch.bfloat16)

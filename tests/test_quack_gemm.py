@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from conftest import REPO, assert_compiled_block_is_one_graph, tiny_lora, tiny_out_and_grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pixart_tune import quack_gemm
+from pixart_tune import quack_gemm, quack_ops
 from pixart_tune.fa4 import sdpa_attention, use_fa4
-from pixart_tune.quack_gemm import quack_linear, quack_runs_on, use_quack_gemms
+from pixart_tune.quack_gemm import quack_linear, use_quack_gemms
+from pixart_tune.quack_ops import quack_runs_on
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPS = ("quack_linear", "quack_input_grad", "quack_gelu_linear", "quack_gelu_input_grad", "quack_gelu_input_and_bias_grad",
@@ -183,8 +184,8 @@ def test_the_trainer_uses_it_where_quack_runs(settings, installed, tmp_path, tin
     from pixart_tune import train
 
     counts, original = [], quack_gemm.use_quack_gemms
-    monkeypatch.setattr(quack_gemm, "quack_runs_on", lambda device: True)
-    monkeypatch.setattr(quack_gemm, "quack_problem", lambda: None)  # its check needs the GPU
+    monkeypatch.setattr(quack_ops, "quack_runs_on", lambda device: True)
+    monkeypatch.setattr(quack_ops, "quack_problem", lambda: None)  # its check needs the GPU
     monkeypatch.setattr(quack_gemm, "use_quack_gemms", lambda model: counts.append(original(model)) or counts[-1])
     train(REPO / "recipes" / "tiny-lora.yaml", [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}",
           "train.log_with=none", "train.method=full", "train.steps=2", *settings], show_progress=False)  # fmt: skip
@@ -197,8 +198,8 @@ def test_a_failed_start_up_check_leaves_the_usual_kernels(tmp_path, tiny_home, m
     from pixart_tune import train
 
     calls = []
-    monkeypatch.setattr(quack_gemm, "quack_runs_on", lambda device: True)
-    monkeypatch.setattr(quack_gemm, "quack_problem", lambda: "GELU epilogue: relative error 0.5 against fp32")
+    monkeypatch.setattr(quack_ops, "quack_runs_on", lambda device: True)
+    monkeypatch.setattr(quack_ops, "quack_problem", lambda: "GELU epilogue: relative error 0.5 against fp32")
     monkeypatch.setattr(quack_gemm, "use_quack_gemms", lambda model: calls.append(model) or 1)
     with pytest.warns(UserWarning, match="start-up check .GELU epilogue: relative error 0.5.*goes on with cuBLAS"):
         final = train(REPO / "recipes" / "tiny-lora.yaml", [f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}",
@@ -242,18 +243,18 @@ def test_every_quack_gemm_asks_for_the_dynamic_tile_scheduler(monkeypatch):
     """Under FSDP2 quack's static schedule cost 5% (NCCL's kernels hold SMs beside the persistent
     GEMMs): every operator must ask for the dynamic one, and still give the plain maths."""
     fake = _FakeQuack()
-    monkeypatch.setattr(quack_gemm, "_quack", lambda: fake)
-    monkeypatch.setattr(quack_gemm, "_dgelu_dbias_mod", lambda: fake.dgelu_dbias)
+    monkeypatch.setattr(quack_ops, "_quack", lambda: fake)
+    monkeypatch.setattr(quack_ops, "_dgelu_dbias_mod", lambda: fake.dgelu_dbias)
     g = torch.Generator().manual_seed(0)
     x, w, dy, h = (torch.randn(*s, generator=g) for s in ((6, 8), (16, 8), (6, 16), (6, 8)))
     bias, u, b = torch.randn(16, generator=g), torch.randn(6, 4, generator=g), torch.randn(4, 16, generator=g)
     calls = {"_linear": (x, w, bias), "_input_grad": (dy, w), "_gelu_linear": (x, w, bias),
              "_gelu_input_grad": (dy, w, h), "_gelu_input_and_bias_grad": (dy, w, h),
              "_gemm_plus_lowrank": (x, w.t(), u, b, bias)}  # fmt: skip
-    plain = {name: getattr(quack_gemm, name)(*args) for name, args in calls.items()}  # _on_quack: False on CPU
-    monkeypatch.setattr(quack_gemm, "_on_quack", lambda *tensors: True)
+    plain = {name: getattr(quack_ops, name)(*args) for name, args in calls.items()}  # _on_quack: False on CPU
+    monkeypatch.setattr(quack_ops, "_on_quack", lambda *tensors: True)
     for name, args in calls.items():
-        got = getattr(quack_gemm, name)(*args)
+        got = getattr(quack_ops, name)(*args)
         for a, want in zip(got if isinstance(got, tuple) else (got,), plain[name] if isinstance(got, tuple) else (plain[name],)):
             torch.testing.assert_close(a, want, rtol=1e-5, atol=1e-5, msg=name)
     assert fake.dynamic == [True] * len(calls)
@@ -267,7 +268,7 @@ def test_quack_runs_only_on_hopper_gpus():
 @pytest.mark.skipif(not (torch.cuda.is_available() and quack_runs_on(torch.device("cuda"))),
                     reason="needs quack and a Hopper GPU")  # fmt: skip
 def test_the_start_up_check_passes_on_gpu():
-    assert quack_gemm.quack_problem() is None
+    assert quack_ops.quack_problem() is None
 
 
 @pytest.mark.gpu
@@ -287,7 +288,7 @@ def test_quack_kernels_match_fp32_on_gpu(op):
             "quack_gelu_input_grad": (dy, w, h), "quack_gelu_input_and_bias_grad": (dy, w, h),
             "quack_gemm_plus_lowrank": (x, w.t(), randn(m, 16), randn(16, n, scale=0.1), bias)}[op]  # fmt: skip
     got = getattr(torch.ops.pixart_tune, op)(*args)
-    want = getattr(quack_gemm, "_" + op.removeprefix("quack_"))(*(None if a is None else a.double().cpu() for a in args))
+    want = getattr(quack_ops, "_" + op.removeprefix("quack_"))(*(None if a is None else a.double().cpu() for a in args))
     for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         err = ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
         assert err < 1e-2, (op, err)
