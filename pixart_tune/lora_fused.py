@@ -84,6 +84,33 @@ def _(x: Tensor, w: Tensor, h: Tensor, b: Tensor, bias: Tensor | None, groups: i
     return x.new_empty(x.shape[0], w.shape[1])
 
 
+def _thin_pair(d: Tensor, p: Tensor, h: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """(d @ p (M, r) in d's dtype, d^T @ h (N, r) fp32) for d (M, N), p (N, r), h (M, r): a LoRA
+    layer's dh = dy (s B) and its dB / s = dy^T h, both from its output gradient dy. On Hopper one
+    Triton kernel reads d once for both (lowrank_triton.thin_pair); elsewhere two GEMMs. With groups > 1
+    p is block diagonal (joint_projection) and only the diagonal blocks of d^T h are kept (zeros
+    elsewhere): they are all a joint projection's B gradients use."""
+    kernel = _triton_kernel() if d.is_cuda else None
+    if kernel is not None and kernel.wanted_thin_pair(d, p, h, groups):
+        return kernel.thin_pair(d, p, h, groups)
+    g = (d.t() @ h).float()
+    if groups > 1:
+        n, r = g.shape[0] // groups, g.shape[1] // groups
+        keep = torch.block_diag(*[g.new_ones(n, r)] * groups)
+        g = g.mul_(keep)
+    return d @ p, g
+
+
+_LIB.define("thin_pair(Tensor d, Tensor p, Tensor h, int groups=1) -> (Tensor, Tensor)")
+_LIB.impl("thin_pair", _thin_pair, "CompositeExplicitAutograd")
+thin_pair = torch.ops.pixart_tune.thin_pair.default
+
+
+@torch.library.register_fake("pixart_tune::thin_pair")
+def _(d: Tensor, p: Tensor, h: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
+    return d.new_empty(d.shape[0], p.shape[1]), d.new_empty(d.shape[1], p.shape[1], dtype=torch.float32)
+
+
 def _gemm_scaled_plus_lowrank(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Tensor, b: Tensor,
                               bias: Tensor | None, groups: int = 1) -> Tensor:  # fmt: skip
     """(x * x_scale) @ (w * w_scale)^T + h @ b (+ bias): the fp8 form of the op above (fp8.py).
@@ -187,19 +214,23 @@ def merged_weight(weight: Tensor, b: Tensor, a: Tensor) -> Tensor:
 
 def adapter_backward(dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float,
                      needs: tuple[bool, bool, bool], w8_t: Tensor | None = None, w8_t_scale: Tensor | None = None,
-                     dy_bound: Tensor | None = None, row_max: bool = False):  # fmt: skip
+                     dy_bound: Tensor | None = None, row_max: bool = False, groups: int = 1):  # fmt: skip
     """The backward of adapter_forward for dy2 (M, N) in the compute dtype, autocast off: (dx (M, K),
     dA, dB, max |dx| per row where row_max else None); `needs` says which of dx, dA, dB to compute.
 
         dh = dy (s B)      dx = dh A + dy W      dA = dh^T x      dB = s dy^T h
 
-    with dx as dy (W + s B A) over many rows in the compute dtype (merged_weight). w8_t (K, N),
-    w8_t_scale (K, 1): fp8 copies of W^T, or None; dy2 is quantised per row by its own max or by
-    dy_bound (M, 1)."""
+    with dx as dy (W + s B A) over many rows in the compute dtype (merged_weight), and dh with dB from
+    one read of dy (thin_pair; `groups` as adapter_forward's). w8_t (K, N), w8_t_scale (K, 1): fp8
+    copies of W^T, or None; dy2 is quantised per row by its own max or by dy_bound (M, 1)."""
     dtype = dy2.dtype
     a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
-    dh = dy2 @ b  # (M, r)
     dx = grad_a = grad_b = dx_max = None
+    if needs[2]:
+        dh, grad_b = thin_pair(dy2, b, h, groups)  # (M, r); dy^T h (N, r) fp32
+        grad_b = grad_b.mul_(scaling).to(lora_b.dtype)
+    else:
+        dh = dy2 @ b  # (M, r)
     if needs[0] and w8_t is not None:
         dx, dx_max = _scaled_gemm(dy2, dy_bound, w8_t, w8_t_scale, dh, a, None, 1, row_max)
     elif needs[0]:
@@ -210,8 +241,6 @@ def adapter_backward(dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a:
         dx_max = _row_max(dx) if row_max else None
     if needs[1]:
         grad_a = (dh.t() @ x2).to(lora_a.dtype)  # (r, K)
-    if needs[2]:
-        grad_b = (dy2.t() @ h).mul_(scaling).to(lora_b.dtype)  # (N, r); s applied in the output dtype
     return dx, grad_a, grad_b, dx_max
 
 
@@ -229,7 +258,7 @@ class _LoraLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
             y, h, _ = adapter_forward(x2, weight, bias, lora_a, lora_b, scaling, groups, w8, w8_scale)
         ctx.save_for_backward(x2, h, weight, lora_a, lora_b, w8_t, w8_t_scale)
-        ctx.scaling, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, dtype, x.shape, x.dtype
+        ctx.scaling, ctx.groups, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, groups, dtype, x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
         return y.reshape(*x.shape[:-1], -1)
 
@@ -242,7 +271,7 @@ class _LoraLinear(torch.autograd.Function):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)  # (M, N)
             needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
             dx, grad_a, grad_b, _ = adapter_backward(dy2, x2, h, weight, lora_a, lora_b, ctx.scaling, needs, w8_t,
-                                                     w8_t_scale)  # fmt: skip
+                                                     w8_t_scale, groups=ctx.groups)  # fmt: skip
         dx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
         return dx, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None

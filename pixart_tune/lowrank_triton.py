@@ -25,6 +25,9 @@ fp8.py). `python scripts/probe_kernels.py fp8-gemms`, against the bf16 op as rou
 0.42 for the joint q/k/v projection (1152 -> 3456, three rank-16 blocks), 0.34 against 0.51 at
 1152 -> 4608, 0.27 against 0.48 at 4608 -> 1152 (so no K limit there). It can also write each row's
 max |y| (lora_ff.py's fp8 scale bounds).
+
+Below it, `thin_pair`: a LoRA backward's two thin products of its output gradient, dy (s B) and dy^T h,
+from one read of dy (lora_fused.thin_pair routes there).
 """
 
 from __future__ import annotations
@@ -237,3 +240,102 @@ def gemm_scaled_plus_lowrank(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Ten
     product accumulates in fp32 and is rescaled before the low-rank term joins it. Call only where
     `wanted_scaled()` says yes. row_max: a zeroed (M,) fp32 tensor that gets max |result| per row."""
     return _launch(x, w, True, h, b, bias, groups, x_scale, w_scale, row_max)
+
+
+# --- The adapter's two thin backward products from one read of dy -----------------------------------
+#
+# A LoRA layer's backward multiplies its output gradient dy (M, N) twice by a rank-r factor:
+# dh = dy @ (s B) (M, r), a reduction over N, and dB ∝ dy^T @ h (N, r), a reduction over M. As two GEMMs
+# each reads all of dy (226 MB for the joint q/k/v projection at batch 8, 1024 px; 302 MB for the
+# feed-forward's 4608-wide gradient). Here each program takes BM rows of dy and sweeps their N columns
+# once: it accumulates its rows' dh in registers and writes its rows' share of dy^T @ h, one (N, r)
+# fp32 partial sum per program, which a sum over the programs finishes. Deterministic: no atomics.
+
+
+@triton.jit
+def _thin_pair_kernel(d_ptr, p_ptr, h_ptr, v_ptr, part_ptr, M, N, d_rows, p_rows, h_rows, R_ALL, group_cols,
+                      R: tl.constexpr, R_PAD: tl.constexpr, GROUPED: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr):  # fmt: skip
+    # d (M, N) row-major; p (N, R_ALL) row-major (a dense block diagonal where GROUPED: output columns
+    # [g group_cols, (g + 1) group_cols) carry ranks [g R, (g + 1) R)); h (M, R_ALL). Writes v = d @ p
+    # (M, R_ALL) and, per program, part[pid] = d[rows]^T @ h[rows] (N, R) on the diagonal blocks only.
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    row_ok = rows < M
+    ranks = tl.arange(0, R_PAD)  # R_ALL padded to a power of two (tl.arange); the pad loads as zeros
+    rank_ok = ranks < R_ALL
+    own = tl.arange(0, R)
+    v = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    if not GROUPED:
+        h = tl.load(h_ptr + rows[:, None] * h_rows + own[None, :], mask=row_ok[:, None], other=0.0)  # (BM, R)
+    for n0 in range(0, N, BN):  # pipelined by the launch's num_stages
+        cols = n0 + tl.arange(0, BN)
+        col_ok = cols < N
+        d = tl.load(d_ptr + rows[:, None] * d_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0)  # (BM, BN)  # fmt: skip
+        p = tl.load(p_ptr + cols[:, None] * p_rows + ranks[None, :], mask=col_ok[:, None] & rank_ok[None, :],
+                    other=0.0)  # (BN, R_PAD)  # fmt: skip
+        v = tl.dot(d, p, v)
+        if GROUPED:  # this column tile's block of ranks (BN divides group_cols: a tile never straddles two)
+            r0 = (n0 // group_cols) * R
+            h = tl.load(h_ptr + rows[:, None] * h_rows + r0 + own[None, :], mask=row_ok[:, None], other=0.0)
+        g = tl.dot(tl.trans(d), h)  # (BN, R) fp32: these rows' share of d^T h
+        tl.store(part_ptr + (pid * N + cols[:, None]) * R + own[None, :], g, mask=col_ok[:, None])
+    tl.store(v_ptr + rows[:, None] * R_ALL + ranks[None, :], v.to(v_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & rank_ok[None, :])  # fmt: skip
+
+
+def _thin_tiles(m: int, r_all: int, sms: int) -> tuple[int, int]:
+    """(rows per program, columns per step of its sweep). Rows: the largest of 256, 128, 64 that still
+    gives three quarters of a wave of programs (fewer, larger programs: fewer partial sums to add).
+    Columns: 128 up to 32 ranks, else 64 (p's tile, padded to 64 ranks, would overflow the shared memory).
+    On an H100 at M = 32768 (`python scripts/probe_kernels.py thin-pair`), 256 x 128 ran 0.044 ms against
+    0.060 for the two GEMMs at N = 1152 and 0.138 against 0.219 at N = 4608; 256 x 64 0.128 against
+    0.170 for the joint q/k/v projection's three rank-16 blocks."""
+    rows = next((bm for bm in (256, 128) if triton.cdiv(m, bm) >= sms * 3 // 4), 64)
+    return rows, 128 if r_all <= 32 else 64
+
+
+def wanted_thin_pair(d: Tensor, p: Tensor, h: Tensor, groups: int = 1) -> bool:
+    """Whether thin_pair below takes d (M, N), p (N, R) and h (M, R): Hopper (as the GEMM above), the
+    current device, enough rows, one 16-bit dtype, row-major operands, a per-block rank that is a power
+    of two from 16, at most 64 ranks in all (the registers of dh's accumulator), blocks that the column
+    tiles do not straddle."""
+    if not d.is_cuda or os.environ.get("PIXART_TUNE_TRITON_LORA") == "0" or not _hopper_sms(d.get_device()):
+        return False
+    if d.get_device() != torch.cuda.current_device():
+        return False
+    (m, n), r_all = d.shape, p.shape[1]
+    r = r_all // groups
+    if m < MIN_ROWS or r * groups != r_all or n % groups or r < 16 or r_all > 64 or r & (r - 1):
+        return False
+    if groups > 1 and (n // groups) % _thin_tiles(m, r_all, 1)[1]:  # a column tile within one block
+        return False
+    if d.dtype not in (torch.bfloat16, torch.float16) or p.dtype != d.dtype or h.dtype != d.dtype:
+        return False
+    if m * n >= 2**31:  # the kernel's offsets are 32-bit
+        return False
+    return all(_layout(t) is False for t in (d, p, h)) and h.shape == (m, r_all) and p.shape[0] == n
+
+
+def thin_pair(d: Tensor, p: Tensor, h: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
+    """(d @ p (M, R) in d's dtype, d^T @ h (N, R) fp32) for d (M, N), p (N, R), h (M, R), reading d once.
+    With groups > 1, p is block diagonal (as gemm_plus_lowrank's b) and only the diagonal blocks of
+    d^T @ h are computed; the rest of it is zeros. Call only where `wanted_thin_pair()` says yes."""
+    (m, n), r_all = d.shape, p.shape[1]
+    r = r_all // groups
+    bm, bn = _thin_tiles(m, r_all, _hopper_sms(d.get_device()))
+    programs = triton.cdiv(m, bm)
+    v = torch.empty(m, r_all, device=d.device, dtype=d.dtype)
+    partial = torch.empty(programs, n, r, device=d.device, dtype=torch.float32)
+    _thin_pair_kernel[(programs,)](d, p, h, v, partial, m, n, d.stride(0), p.stride(0), h.stride(0), r_all, n // groups,
+                                   r, triton.next_power_of_2(r_all), groups > 1, bm, bn,
+                                   num_warps=8 if bm == 256 else 4, num_stages=3)  # fmt: skip
+    g = partial.sum(0)  # (N, r)
+    if groups == 1:
+        return v, g
+    full = g.new_zeros(n, r_all)
+    for i in range(groups):  # the diagonal blocks
+        rows = slice(i * (n // groups), (i + 1) * (n // groups))
+        full[rows, i * r:(i + 1) * r] = g[rows]
+    return v, full

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .lora_ff import tanh_gelu_linears
-from .lora_fused import _fp8_copies, compute_dtype, give_forward, joinable, merged_weight
+from .lora_fused import _fp8_copies, compute_dtype, give_forward, joinable, merged_weight, thin_pair
 from .quack_ops import ops
 
 
@@ -132,6 +132,7 @@ class _LoraGeluFeedForward(torch.autograd.Function):
                   dx = dh (W1 + s B1 A1)
                   v2 = dy (s B2),  v1 = dh (s B1)
                   dA2 = v2^T g,  dB2 = s dy^T u2,  dA1 = v1^T x,  dB1 = s dh^T u1
+                  (v2 with dy^T u2, and v1 with dh^T u1, from one read of dy, dh: lora_fused.thin_pair)
 
     lora_fused's per-layer maths (adapter_forward / adapter_backward, the input gradients on the
     merged weights as there: lora_fused.merged_weight) in another order of sums; g is not kept (the
@@ -162,14 +163,16 @@ class _LoraGeluFeedForward(torch.autograd.Function):
         a1c, b1s, a2c, b2s = a1.to(dtype), (bb1 * s1).to(dtype), a2.to(dtype), (bb2 * s2).to(dtype)
         dy2 = _flat(dy, dtype)  # (M, C)
         dh, g = ops.quack_gelu_input_grad(dy2, merged_weight(w2, b2s, a2c), h)  # (M, 4C) each
-        v2, v1 = dy2 @ b2s, dh @ b1s  # (M, r) each
+        # v2 = dy (s B2) and dy^T u2, v1 = dh (s B1) and dh^T u1: each pair from one read of its gradient
+        v2, grad_b2 = thin_pair(dy2, b2s, u2)  # (M, r), (C, r) fp32
+        v1, grad_b1 = thin_pair(dh, b1s, u1)  # (M, r), (4C, r) fp32
         dx = None
         if need[0]:
             dx = ops.quack_input_grad(dh, merged_weight(w1, b1s, a1c)).reshape(ctx.x_shape).to(ctx.x_dtype)
         grad_a1 = (v1.t() @ x2).to(a1.dtype) if need[3] else None  # (r, C)
-        grad_b1 = (dh.t() @ u1).mul_(s1).to(bb1.dtype) if need[4] else None  # (4C, r)
+        grad_b1 = grad_b1.mul_(s1).to(bb1.dtype) if need[4] else None  # (4C, r)
         grad_a2 = (v2.t() @ g).to(a2.dtype) if need[7] else None  # (r, 4C)
-        grad_b2 = (dy2.t() @ u2).mul_(s2).to(bb2.dtype) if need[8] else None  # (C, r)
+        grad_b2 = grad_b2.mul_(s2).to(bb2.dtype) if need[8] else None  # (C, r)
         return dx, None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None
 
 

@@ -9,6 +9,7 @@
     python scripts/probe_kernels.py cross-attention-fold [--out F]  # attn2 folded (cross_attention.py) vs SDPA
     python scripts/probe_kernels.py linear-gemm-layouts [--out F]  # a trainable linear's GEMMs in each layout
     python scripts/probe_kernels.py quack-gemms [--out F]  # quack_ops.py's operators against cuBLAS (+ Inductor)
+    python scripts/probe_kernels.py thin-pair [--out F]    # a LoRA's dh and dB: two GEMMs vs one read of dy
 
 lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
 GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
@@ -33,6 +34,11 @@ up, FF down): the forward x W^T + b, and each backward GEMM in both layouts that
 dx as dy W (autograd's) and as dy (W^T)^T from a transposed copy, dW as dy^T x (autograd's) and as
 (x^T dy)^T. Whether a full fine-tune would gain from choosing the layouts itself (NOTES.md, "What did
 not help").
+
+thin-pair: a LoRA layer's two thin backward products from its output gradient dy (M = 32768 tokens):
+dh = dy (s B) and dy^T h, as two cuBLAS GEMMs and as lowrank_triton.thin_pair's one kernel, under
+several tile settings, for the attention's projections, the joint q/k/v projection (three rank-16
+blocks) and the feed-forward's 4608-wide gradient.
 
 fa4-tiles: the self-attention (8 x 16 heads x 4096 tokens x 72) forward and backward under
 flash-attn-4's own tile choice and under others, by swapping its private `_tile_size_*_sm90`
@@ -153,6 +159,42 @@ def _lowrank_row(direction: str, x, w, h, b) -> dict:
                "cublas_pair_ms": timed(lambda: gemm_plus_lowrank(x, w, h, b, None)),
                "triton_ms": timed(lambda: lt.gemm_plus_lowrank(x, w, h, b, None))}  # fmt: skip
     row["routed_to_triton"] = lt.wanted(x, w, h, b, None)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def thin_pair(m: int = 32768, r: int = 16) -> list[dict]:
+    rows = []
+    for n, groups in ((1152, 1), (3456, 3), (4608, 1)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        d, h = (torch.randn(m, c, device="cuda", dtype=torch.bfloat16, generator=g) for c in (n, r * groups))
+        p = torch.block_diag(*(torch.randn(n // groups, r, device="cuda", dtype=torch.bfloat16, generator=g)
+                               for _ in range(groups)))  # fmt: skip
+        rows.append(_thin_pair_row(d, p, h, groups))
+    return rows
+
+
+def _thin_pair_row(d, p, h, groups: int) -> dict:
+    from pixart_tune import lowrank_triton as lt
+
+    n, r = p.shape
+    keep = torch.block_diag(*[torch.ones(n // groups, r // groups, device="cuda")] * groups)
+    want_v, want_g = d.float() @ p.float(), (d.float().t() @ h.float()) * keep
+    row = {"n": n, "r": r, "groups": groups, "routed": lt.wanted_thin_pair(d, p, h, groups),
+           "two_gemms_ms": timed(lambda: (d @ p, d.t() @ h))}  # fmt: skip
+    chosen = lt._thin_tiles
+    for bn in (64, 128):
+        for bm in (64, 128, 256):
+            lt._thin_tiles = lambda m, r_all, sms, tiles=(bm, bn): tiles
+            try:
+                v, dtb = lt.thin_pair(d, p, h, groups)
+                row[f"bn{bn}_bm{bm}_err"] = [rel_err(v, want_v), rel_err(dtb, want_g)]
+                row[f"bn{bn}_bm{bm}_ms"] = timed(lambda: lt.thin_pair(d, p, h, groups))
+            except Exception as exc:  # noqa: BLE001 - a setting that does not compile is reported
+                row[f"bn{bn}_bm{bm}_ms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            finally:
+                lt._thin_tiles = chosen
+    row["chosen_ms"] = timed(lambda: lt.thin_pair(d, p, h, groups))
     print(json.dumps(row), flush=True)
     return row
 
@@ -438,7 +480,7 @@ def _out_and_grads(module, call, x: torch.Tensor, dout: torch.Tensor) -> dict:
 
 PROBES = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton,
           "cross-attention": cross_attention, "fp8-gemms": fp8_gemms, "cross-attention-fold": cross_attention_fold,
-          "linear-gemm-layouts": linear_gemm_layouts, "quack-gemms": quack_gemms}  # fmt: skip
+          "linear-gemm-layouts": linear_gemm_layouts, "quack-gemms": quack_gemms, "thin-pair": thin_pair}  # fmt: skip
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,7 @@ from conftest import tiny_forward, tiny_lora, tiny_out_and_grads
 from torch import nn
 
 from pixart_tune import lora_fused
-from pixart_tune.lora_fused import fuse_lora_linears, gemm_plus_lowrank, joint_projection, lora_linear
+from pixart_tune.lora_fused import fuse_lora_linears, gemm_plus_lowrank, joint_projection, lora_linear, thin_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,6 +161,22 @@ def test_gemm_plus_lowrank_op_values_and_registration(bias):
     out = gemm_plus_lowrank(x, w.t(), h, b, c)  # w.t(): the op takes strided views, as the layer passes them
     torch.testing.assert_close(out, x @ w.t() + h @ b + (c if bias else 0), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(gemm_plus_lowrank, (x, w.t(), h, b, c))  # schema, fake tensor, no aliasing
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_thin_pair_op_values_and_registration(groups):
+    """thin_pair: (d @ p, d^T @ h in fp32), with groups > 1 only the diagonal blocks of d^T @ h."""
+    g = torch.Generator().manual_seed(3)
+    d, h = torch.randn(12, 40, generator=g), torch.randn(12, 4 * groups, generator=g)
+    p = torch.block_diag(*(torch.randn(40 // groups, 4, generator=g) for _ in range(groups)))
+    v, dtb = thin_pair(d, p, h, groups)
+    keep = torch.block_diag(*[torch.ones(40 // groups, 4)] * groups)
+    torch.testing.assert_close(v, d @ p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dtb, (d.t() @ h) * keep, rtol=1e-5, atol=1e-5)
+    assert dtb.dtype == torch.float32 and v.dtype == d.dtype
+    bf = [t.bfloat16() for t in (d, p, h)]
+    assert thin_pair(*bf, groups)[1].dtype == torch.float32  # B's gradient in fp32 whatever dy's dtype
+    torch.library.opcheck(thin_pair, (d, p, h, groups))  # schema, fake tensor, no aliasing
 
 
 def test_compiled_graphs_sum_in_place_through_the_op():

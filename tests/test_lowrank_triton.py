@@ -97,6 +97,53 @@ def test_the_op_routes_here_only_where_wanted(monkeypatch):
     assert not lowrank_triton.wanted(x, w, h, b, bias)
 
 
+@pytest.mark.parametrize("n,groups", [(1152, 1), (4608, 1), (3 * 1152, 3), (192, 1)])
+@pytest.mark.parametrize("m", [2048 + 37, 32768])
+def test_thin_pair_matches_fp32_from_one_read(n, groups, m):
+    """dy (s B) and dy^T h from one kernel: against fp32 products; with groups, the diagonal blocks of
+    dy^T h and zeros elsewhere (all a joint projection's B gradients use)."""
+    from pixart_tune import lowrank_triton
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    d = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g)  # rows not a multiple of any tile
+    h = torch.randn(m, 16 * groups, device="cuda", dtype=torch.bfloat16, generator=g)
+    p = torch.block_diag(*(torch.randn(n // groups, 16, device="cuda", dtype=torch.bfloat16, generator=g)
+                           for _ in range(groups)))  # fmt: skip
+    assert lowrank_triton.wanted_thin_pair(d, p, h, groups)
+    v, dtb = lowrank_triton.thin_pair(d, p, h, groups)
+    keep = torch.block_diag(*[torch.ones(n // groups, 16, device="cuda")] * groups)
+    want_v, want_g = d.float() @ p.float(), (d.float().t() @ h.float()) * keep
+    assert v.dtype == torch.bfloat16 and v.shape == (m, 16 * groups)
+    assert dtb.dtype == torch.float32 and dtb.shape == (n, 16 * groups)
+    assert ((v.float() - want_v).abs().max() / want_v.abs().max()).item() < 1e-2
+    assert ((dtb - want_g).abs().max() / want_g.abs().max()).item() < 1e-4  # fp32 sums: no bf16 rounding
+    assert (dtb[keep == 0] == 0).all()
+
+
+def test_thin_pair_routing():
+    from pixart_tune import lowrank_triton
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    bf = {"device": "cuda", "dtype": torch.bfloat16}
+    d, h = torch.randn(4096, 1152, **bf, generator=g), torch.randn(4096, 16, **bf, generator=g)
+    p = torch.randn(1152, 16, **bf, generator=g)
+    assert lowrank_triton.wanted_thin_pair(d, p, h)
+    assert not lowrank_triton.wanted_thin_pair(d[:100], p, h[:100])  # too few rows
+    assert not lowrank_triton.wanted_thin_pair(d[:, :1000], p[:1000], h)  # d not row-major
+    assert not lowrank_triton.wanted_thin_pair(d, p[:, :8].contiguous(), h[:, :8].contiguous())  # rank 8
+    assert not lowrank_triton.wanted_thin_pair(d.float(), p.float(), h.float())
+    for r in (32, 64):  # lora.rank 32 and 64 take it too; more ranks than 64 in all do not
+        pr, hr = torch.randn(1152, r, **bf), torch.randn(4096, r, **bf)
+        assert lowrank_triton.wanted_thin_pair(d, pr, hr)
+        v, dtb = lowrank_triton.thin_pair(d, pr, hr)
+        assert ((dtb - d.float().t() @ hr.float()).abs().max() / dtb.abs().max()).item() < 1e-4
+        assert ((v.float() - d.float() @ pr.float()).abs().max() / v.float().abs().max()).item() < 1e-2
+    assert not lowrank_triton.wanted_thin_pair(d, torch.randn(1152, 128, **bf), torch.randn(4096, 128, **bf))
+    d3, h3 = torch.randn(4096, 3 * 200, **bf), torch.randn(4096, 48, **bf)  # blocks of 200 columns
+    assert not lowrank_triton.wanted_thin_pair(d3, torch.randn(600, 48, **bf), h3, groups=3)  # tiles would straddle
+    assert lowrank_triton.wanted_thin_pair(d3[:, :576].contiguous(), torch.randn(576, 48, **bf), h3, groups=3)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
 def test_tensors_on_another_gpu_stay_on_cublas_and_are_right():
     """Triton launches on the current device (and its scratch is allocated there): operands on another
