@@ -86,25 +86,46 @@ def load_tokenizer(base: str, revision: str | None = None):
 def load_text_encoder(base: str, dtype: torch.dtype = torch.float32, quantization: str = "none", revision=None):
     """T5 encoder in eval mode (its config has dropout 0.1). Never fp16: T5 overflows there.
 
-    `quantization` '8bit' / '4bit' loads it through bitsandbytes, for cards with little memory.
+    `quantization` '8bit' / '4bit' loads it through bitsandbytes, for cards with little memory. In
+    4 bit, linears whose input is not a whole number of bitsandbytes' 64-value blocks stay in `dtype`:
+    bitsandbytes 0.49+ cannot run them on the CPU. T5-XXL has none (4096 and 10240 wide); the tiny
+    kit's T5 (32 wide) has several.
     """
     from transformers import T5EncoderModel
 
     if dtype == torch.float16:
         raise BaseModelError("T5 must not run in fp16 (it overflows); use fp32 or bf16 (data.t5_dtype)")
     kwargs = {}
-    if quantization != "none":
+    if quantization == "8bit":
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_8bit=True)
-            if quantization == "8bit"
-            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
-        )
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quantization == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=_linears_off_the_4bit_blocks(base, revision),  # (4-bit too, despite the name)
+        )  # fmt: skip
     model = T5EncoderModel.from_pretrained(
         base, subfolder="text_encoder", dtype=dtype, revision=revision, **kwargs
     )
     return model.eval().requires_grad_(False)
+
+
+BNB_4BIT_BLOCK = 64  # bitsandbytes' 4-bit quantisation block (its default blocksize)
+
+
+def _linears_off_the_4bit_blocks(base: str, revision: str | None) -> list[str]:
+    """Names of the T5 encoder's linears whose input width is not a multiple of BNB_4BIT_BLOCK (built
+    on the meta device from the config: no weights read)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config.from_pretrained(base, subfolder="text_encoder", revision=revision)
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module.in_features % BNB_4BIT_BLOCK]  # fmt: skip
 
 
 def load_scheduler_config(base: str, revision: str | None = None) -> dict:
