@@ -18,6 +18,7 @@ and prints one table with ratios, the card and the software versions.
     python scripts/bench.py --only main_rows --work W  # LoRA and full fine-tune once each (A/B across versions)
     python scripts/bench.py --multi-gpu          # 1 vs 2 processes through accelerate launch
     python scripts/bench.py --multi-gpu --only fsdp --trace 8:4   # and where each process's step goes
+    python scripts/bench.py --only lora --trace 8:4 --set train.attention=fa4  # one GPU's step, the same way
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from pixart_tune.step_profile import ENV as PROFILE_ENV  # noqa: E402 - the switch --trace sets (after the path)
 
 # Required FLOPs per image (shared/PERF.md): full step = 3x forward; LoRA = linear 2x, attention 3x.
 STEP_TFLOP = {("lora", 1024): 15.3, ("full", 1024): 19.5, ("lora", 512): 2.6, ("full", 512): 3.71}
@@ -147,8 +150,13 @@ def run_ours(base: Path, data: Path, cache: Path, work: Path, name: str, overrid
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steady = [r["samples_per_s"] for r in rows if r["step"] > log_every]  # first interval holds the warm-up
     losses = [r["loss"] for r in rows]
-    return {"samples_per_s": sum(steady) / len(steady), "peak_gib": peak_gib(), "wall_s": total,
-            "first_loss": losses[0], "last_loss": losses[-1], "final": str(run / "final")}  # fmt: skip
+    result = {"samples_per_s": sum(steady) / len(steady), "peak_gib": peak_gib(), "wall_s": total,
+              "first_loss": losses[0], "last_loss": losses[-1], "final": str(run / "final")}  # fmt: skip
+    traced = run / "profile" / "rank0.json"
+    if os.environ.get(PROFILE_ENV) and traced.is_file():  # --trace: the steps this run traced, summarised
+        count = int(os.environ[PROFILE_ENV].split(":")[1])
+        result["trace"] = trace_summary(json.loads(traced.read_text())["traceEvents"], count)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +467,7 @@ def multi_gpu(args, work: Path) -> dict:
     out = {}
     env = {**os.environ, **NO_NVLINK_MULTICAST}
     if args.trace:  # every process traces a few steps (pixart_tune/step_profile.py), summarised below
-        env["PIXART_TUNE_PROFILE"] = args.trace
+        env[PROFILE_ENV] = args.trace
     variants = [("lora", 1, ""), ("lora", 2, ""), ("full", 1, ""), ("full", 2, ""), ("full", 2, "fsdp")]
     if args.only:  # --only lora / full (DDP) / fsdp; FSDP2 is compared with the 1-GPU full fine-tune
         chosen = [v for v in variants if (v[2] or v[0]) in args.only]
@@ -630,7 +638,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="recipe overrides for every training row (and --multi-gpu variant, --profile run), e.g. train.attention=fa4")
     p.add_argument("--trace", default=None, metavar="FIRST:COUNT",
-                   help="with --multi-gpu: every process traces COUNT steps after FIRST (PIXART_TUNE_PROFILE), summarised")
+                   help="trace COUNT steps after FIRST of every training row (with --multi-gpu: of every process; "
+                        "PIXART_TUNE_PROFILE), summarised in its results")  # fmt: skip
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--work", default=None, help="folder for models, data and runs (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -639,6 +648,8 @@ def main(argv=None) -> int:
         from pixart_tune.step_profile import parse_spec
 
         parse_spec(args.trace)  # a malformed value stops here, before any model is written
+        if not args.multi_gpu:  # our rows train in this process: their trainer reads it at start
+            os.environ[PROFILE_ENV] = args.trace
     work = Path(args.work or tempfile.mkdtemp(prefix="pixart-bench-"))
     if args.multi_gpu or args.profile:
         results = {}

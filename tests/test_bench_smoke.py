@@ -24,6 +24,21 @@ def test_bench_smoke(tmp_path, tiny_home):
     assert "torch " in result.stdout and "diffusers " in result.stdout  # versions are part of the table
 
 
+def test_bench_smoke_traces_a_rows_steps(tmp_path, tiny_home):
+    """--trace on one process: the trained row's steps are traced (step_profile.py) and summarised."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke", "--steps", "4", "--only", "lora",
+         "--trace", "1:2", "--work", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trace = json.loads(out.read_text())["lora"]["trace"]
+    assert (tmp_path / "lora" / "profile" / "rank0.json").is_file()
+    assert trace["host_step_ms"] > 0 and trace["nccl_kernels_ms"] == 0
+    assert set(trace) == {"host_step_ms", "gpu_busy_ms", "nccl_kernels_ms", "host_sync_wait_ms", "gpu_idle"}
+
+
 def _bench():
     """scripts/bench.py as a module (scripts/ is not a package)."""
     sys.path.insert(0, str(REPO / "scripts"))
