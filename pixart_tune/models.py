@@ -103,9 +103,10 @@ def load_text_encoder(base: str, dtype: torch.dtype = torch.float32, quantizatio
     elif quantization == "4bit":
         from transformers import BitsAndBytesConfig
 
+        narrow = _linears_off_the_4bit_blocks(base, revision)  # none in T5-XXL: transformers' own choice stays
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
-            llm_int8_skip_modules=_linears_off_the_4bit_blocks(base, revision),  # (4-bit too, despite the name)
+            llm_int8_skip_modules=narrow or None,  # (4-bit too, despite the name)
         )  # fmt: skip
     model = T5EncoderModel.from_pretrained(
         base, subfolder="text_encoder", dtype=dtype, revision=revision, **kwargs
