@@ -1,4 +1,4 @@
-"""Speed switches of the training step: compiling the transformer and choosing the SDPA kernel.
+"""Speed switches of the training step: the fast module paths, compiling the transformer, the SDPA kernel.
 
 Regional compile (`train.compile: regional`) compiles each transformer block on its own: all 28
 blocks share one compiled graph, so warm-up takes seconds instead of minutes and the speed is that
@@ -7,13 +7,16 @@ priority list: at 1024 px, cuDNN's fused attention runs PixArt's self-attention 
 faster than flash or memory-efficient attention on Hopper. `fa4` (fa4.py) goes further for the
 self-attention. `auto` (the default) picks the fastest of these that this machine has
 (`resolve_attention`). On Hopper the compiled blocks also use Inductor's Programmatic Dependent
-Launch (`compile_options`).
+Launch (`compile_options`). `apply_speed_paths` swaps in the faster modules the recipe asks for (FA4's
+self-attention, the folded cross-attention, the bf16 residual stream, the quack GEMMs), each in its
+own module.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import torch._dynamo
@@ -59,6 +62,37 @@ def compile_options(device: torch.device) -> dict:
     if not hasattr(inductor.triton, "enable_pdl"):  # an older torch: the option does not exist
         return {}
     return {"triton.enable_pdl": True} if torch.cuda.get_device_capability(device) >= (9, 0) else {}
+
+
+def apply_speed_paths(model: nn.Module, t) -> None:
+    """The faster module paths `t` (the recipe's TrainConfig) asks for, on the model as it trains (after
+    the LoRA and its fused linears): FA4's self-attention processor, the folded cross-attention, the
+    bf16 residual stream, then the quack GEMMs (which take over FA4's projections, so they come last).
+    Each checks what it can run on and leaves the rest as it was."""
+    if t.attention == "fa4":
+        from .fa4 import use_fa4
+
+        use_fa4(model)
+    if t.fold_cross_attention:
+        from .cross_attention import fold_cross_attention
+
+        fold_cross_attention(model)
+    if t.bf16_stream and t.mixed_precision == "bf16":
+        from .stream import use_bf16_stream
+
+        use_bf16_stream(model)
+    if t.quack_gemms and t.mixed_precision != "no":
+        from .quack_gemm import use_quack_gemms
+        from .quack_ops import quack_problem, quack_runs_on
+
+        if quack_runs_on(torch.device("cuda")):
+            problem = quack_problem()
+            if problem is not None:
+                warnings.warn(f"train.quack_gemms: quack's kernels failed their start-up check ({problem}); this "
+                              "run goes on with cuBLAS and Inductor's kernels (train.quack_gemms=false skips the "
+                              "check)", stacklevel=2)  # fmt: skip
+            elif use_quack_gemms(model) and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+                print("train.quack_gemms: the blocks' feed-forward and FA4's projections run on quack's GEMMs")
 
 
 def apply_compile(model: nn.Module, mode: str) -> nn.Module:

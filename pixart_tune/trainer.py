@@ -29,7 +29,7 @@ from .loss import LossFn, sample_generators
 from .models import DTYPES, load_transformer, resolve_base
 from .optim import make_lr_schedule, make_optimizer
 from .prefetch import BatchPrefetcher
-from .speed import apply_compile, resolve_attention
+from .speed import apply_compile, apply_speed_paths, resolve_attention
 from .step_profile import step_profiler
 
 
@@ -116,30 +116,7 @@ def prepare_model(cfg: Config, base: str):
         for name, module in model.named_modules():
             if any(name == f or name.startswith(f + ".") for f in t.freeze):
                 module.requires_grad_(False)
-    if t.attention == "fa4":
-        from .fa4 import use_fa4
-
-        use_fa4(model)
-    if t.fold_cross_attention:
-        from .cross_attention import fold_cross_attention
-
-        fold_cross_attention(model)
-    if t.bf16_stream and t.mixed_precision == "bf16":
-        from .stream import use_bf16_stream
-
-        use_bf16_stream(model)
-    if t.quack_gemms and t.mixed_precision != "no":
-        from .quack_gemm import use_quack_gemms
-        from .quack_ops import quack_problem, quack_runs_on
-
-        if quack_runs_on(torch.device("cuda")):
-            problem = quack_problem()
-            if problem is not None:
-                warnings.warn(f"train.quack_gemms: quack's kernels failed their start-up check ({problem}); this "
-                              "run goes on with cuBLAS and Inductor's kernels (train.quack_gemms=false skips the "
-                              "check)", stacklevel=2)  # fmt: skip
-            elif use_quack_gemms(model) and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-                print("train.quack_gemms: the blocks' feed-forward and FA4's projections run on quack's GEMMs")
+    apply_speed_paths(model, t)  # FA4, the folded cross-attention, the bf16 stream, the quack GEMMs
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
