@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pixart_tune.step_profile import ENV as PROFILE_ENV  # noqa: E402 - the switch --trace sets (after the path)
+from pixart_tune.step_profile import parse_spec  # noqa: E402
 
 # Required FLOPs per image (shared/PERF.md): full step = 3x forward; LoRA = linear 2x, attention 3x.
 STEP_TFLOP = {("lora", 1024): 15.3, ("full", 1024): 19.5, ("lora", 512): 2.6, ("full", 512): 3.71}
@@ -152,10 +153,9 @@ def run_ours(base: Path, data: Path, cache: Path, work: Path, name: str, overrid
     losses = [r["loss"] for r in rows]
     result = {"samples_per_s": sum(steady) / len(steady), "peak_gib": peak_gib(), "wall_s": total,
               "first_loss": losses[0], "last_loss": losses[-1], "final": str(run / "final")}  # fmt: skip
-    traced = run / "profile" / "rank0.json"
-    if os.environ.get(PROFILE_ENV) and traced.is_file():  # --trace: the steps this run traced, summarised
-        count = int(os.environ[PROFILE_ENV].split(":")[1])
-        result["trace"] = trace_summary(json.loads(traced.read_text())["traceEvents"], count)
+    traced, spec = run / "profile" / "rank0.json", os.environ.get(PROFILE_ENV)
+    if spec and traced.is_file():  # --trace: the steps this run traced, summarised
+        result["trace"] = summarise_trace_file(traced, spec)
     return result
 
 
@@ -498,8 +498,7 @@ def multi_gpu(args, work: Path) -> dict:
         out[f"{name}-losses"] = [round(x["loss"], 4) for x in rows]
         print(f"multi-gpu {name}: {out[name]:.2f} samples/s, peak {out[f'{name}-peak_gib']} GiB", flush=True)
         if args.trace:
-            count = int(args.trace.split(":")[1])
-            out[f"{name}-trace"] = {path.stem: trace_summary(json.loads(path.read_text())["traceEvents"], count)
+            out[f"{name}-trace"] = {path.stem: summarise_trace_file(path, args.trace)
                                     for path in sorted((run / "profile").glob("rank*.json"))}  # fmt: skip
             print(f"multi-gpu {name} trace: {json.dumps(out[f'{name}-trace'])}", flush=True)
     for two, one in (("lora-2gpu", "lora-1gpu"), ("full-2gpu", "full-1gpu"), ("full-fsdp-2gpu", "full-1gpu")):
@@ -601,6 +600,12 @@ def trace_summary(events: list[dict], steps: int) -> dict:
             "gpu_idle": gpu_idle(events, steps)}  # fmt: skip
 
 
+def summarise_trace_file(path: Path, spec: str) -> dict:
+    """trace_summary of one process's trace (step_profile.py's rank<R>.json) over the COUNT steps that
+    `spec` (FIRST:COUNT, as PIXART_TUNE_PROFILE) had it trace."""
+    return trace_summary(json.loads(path.read_text())["traceEvents"], parse_spec(spec)[1])
+
+
 def gpu_idle(events: list[dict], steps: int) -> dict:
     """Where the GPU waits between its kernels, from a profiler trace: the idle time per step in gaps
     by size, and the kernels that most often come right after a gap of 20 us or more (where the host
@@ -645,8 +650,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.trace:
-        from pixart_tune.step_profile import parse_spec
-
         parse_spec(args.trace)  # a malformed value stops here, before any model is written
         if not args.multi_gpu:  # our rows train in this process: their trainer reads it at start
             os.environ[PROFILE_ENV] = args.trace
