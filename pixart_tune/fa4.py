@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lora_fused import joint_projection
+from .lora_fused import joint_projection, lora_linear
 from .speed import plain_attention, transformer_blocks
 
 HEAD_MULTIPLE = 32  # pad heads to this when the dq check fails (see the module docstring)
@@ -211,8 +211,9 @@ class FA4SelfAttention:
     def __init__(self, kernel=_fa4, pad_multiple: int = HEAD_MULTIPLE):
         self.kernel = kernel  # tests pass an SDPA-based kernel to check the layout and padding on CPU
         self.pad_multiple = pad_multiple  # 1 = no padding
-        # the plain linears' product (F.linear's signature); quack_gemm.use_quack_gemms swaps in its own
-        self.linear = F.linear
+        # the plain linears' product (F.linear's signature) and the LoRA one (lora_fused.lora_linear's):
+        # quack_gemm.use_quack_gemms swaps in its own
+        self.linear, self.lora_linear = F.linear, lora_linear
 
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, **kwargs) -> Tensor:  # fmt: skip
@@ -220,7 +221,7 @@ class FA4SelfAttention:
             raise ValueError("FA4SelfAttention is for self-attention without a mask")
         b, n, _ = hidden_states.shape  # (B, N, C) tokens
         projections = (attn.to_q, attn.to_k, attn.to_v)
-        qkv = joint_projection(hidden_states, projections, self.linear)  # (B, N, 3C), or None
+        qkv = joint_projection(hidden_states, projections, self.linear, self.lora_linear)  # (B, N, 3C), or None
         if qkv is None:
             qkv = torch.stack([proj(hidden_states) for proj in projections], dim=2)  # (B, N, 3, C)
         qkv = qkv.view(b, n, 3, attn.heads, -1)  # (B, N, 3, H, D)

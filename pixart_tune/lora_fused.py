@@ -111,6 +111,44 @@ def _(d: Tensor, p: Tensor, h: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]
     return d.new_empty(d.shape[0], p.shape[1]), d.new_empty(d.shape[1], p.shape[1], dtype=torch.float32)
 
 
+ROOM_MULTIPLE = 64  # beside_room's rows: a multiple of 64 values (128 bytes of bf16), as explained there
+
+
+def beside_room(x2: Tensor, r: int) -> Tensor:
+    """[x2 | 0] (M, K + r'): x2 (M, K) with at least r zero columns after it, for write_lowrank_ to fill.
+
+    Under torch.compile this concatenation of a fresh activation (a norm's output) is where the kernel
+    that makes x2 writes it: no copy of x2. The rows are padded to a multiple of ROOM_MULTIPLE values:
+    on the GPU Inductor pads the row stride of a buffer whose rows are not a multiple of 128 bytes, and
+    an operator (write_lowrank_, quack's GEMMs) takes its operands in their eager layout, so a padded
+    buffer is copied, twice (12 ms a step at 1024 px on an H100, with 1152 + 48 columns). The padding
+    costs the GEMM that reads it nothing where K is a multiple of its 64-deep tiles (PixArt's 1152):
+    1168 or 1200 columns take 19 such tiles, as 1216 do."""
+    width = x2.shape[1] + r
+    return torch.cat([x2, x2.new_zeros(x2.shape[0], r + -width % ROOM_MULTIPLE)], dim=1)
+
+
+def _write_lowrank(xw: Tensor, a: Tensor) -> None:
+    """xw[:, K:K+r] = xw[:, :K] @ a^T, in place, for xw (M, K + r') and a (r, K): a LoRA's rank-r
+    projection x A^T written beside its input, so that one GEMM over [x | x A^T] [W | s B]^T is the
+    layer's output (the adapter's term joins the reduction). cuBLAS writes the (M, r) product straight
+    into the strided columns."""
+    r, k = a.shape
+    torch.mm(xw[:, :k], a.t(), out=xw[:, k : k + r])
+
+
+# Mutates its input (declared): under torch.compile the concatenation that made xw (beside_room) is a
+# fresh intermediate with no other reader, so Inductor runs this in place rather than on a copy.
+_LIB.define("write_lowrank_(Tensor(a!) xw, Tensor a) -> ()")
+_LIB.impl("write_lowrank_", _write_lowrank, "CompositeExplicitAutograd")
+write_lowrank_ = torch.ops.pixart_tune.write_lowrank_.default
+
+
+@torch.library.register_fake("pixart_tune::write_lowrank_")
+def _(xw: Tensor, a: Tensor) -> None:
+    return None
+
+
 def _gemm_scaled_plus_lowrank(x: Tensor, x_scale: Tensor, w: Tensor, w_scale: Tensor, h: Tensor, b: Tensor,
                               bias: Tensor | None, groups: int = 1) -> Tensor:  # fmt: skip
     """(x * x_scale) @ (w * w_scale)^T + h @ b (+ bias): the fp8 form of the op above (fp8.py).
@@ -350,7 +388,7 @@ def joinable(layer) -> tuple[nn.Linear, str | None] | None:
     return None if name is None else (layer.base_layer, name)
 
 
-def joint_projection(x: Tensor, layers, linear=F.linear) -> Tensor | None:
+def joint_projection(x: Tensor, layers, linear=F.linear, lora_product=lora_linear) -> Tensor | None:
     """x through several linears of the same input at once: (..., N_1 + N_2 + ...), or None where one
     of them can't join (then call them one by one).
 
@@ -364,7 +402,8 @@ def joint_projection(x: Tensor, layers, linear=F.linear) -> Tensor | None:
 
     Joins: plain nn.Linear layers (a full fine-tune, or a frozen model), or fused vanilla LoRA layers
     (fuse_lora_linears) mixed with frozen nn.Linear ones; biases all present or all absent. `linear`
-    (F.linear's signature) runs the product where none has a LoRA (quack_gemm.quack_linear, say).
+    (F.linear's signature) runs the product where none has a LoRA (quack_gemm.quack_linear, say), and
+    `lora_product` (lora_linear's signature) where one has (quack_gemm.joined_lora_linear, say).
     """
     joined = [joinable(layer) for layer in layers]
     if any(j is None for j in joined):
@@ -396,4 +435,4 @@ def joint_projection(x: Tensor, layers, linear=F.linear) -> Tensor | None:
     fp8 = None
     if all(c is not None and c[0] is not None for c in copies):
         fp8 = (torch.cat([c[0] for c in copies]), torch.cat([c[1] for c in copies]), None, None)
-    return lora_linear(x, weight, bias, a, b, 1.0, groups=len(layers) if same else 1, fp8=fp8)
+    return lora_product(x, weight, bias, a, b, 1.0, groups=len(layers) if same else 1, fp8=fp8)

@@ -298,9 +298,9 @@ def _thin_tiles(m: int, r_all: int, sms: int) -> tuple[int, int]:
 
 def wanted_thin_pair(d: Tensor, p: Tensor, h: Tensor, groups: int = 1) -> bool:
     """Whether thin_pair below takes d (M, N), p (N, R) and h (M, R): Hopper (as the GEMM above), the
-    current device, enough rows, one 16-bit dtype, row-major operands, a per-block rank that is a power
-    of two from 16, at most 64 ranks in all (the registers of dh's accumulator), blocks that the column
-    tiles do not straddle."""
+    current device, enough rows, one 16-bit dtype, row-major operands (h's rows may be strided), a
+    per-block rank that is a power of two from 16, at most 64 ranks in all (the registers of dh's
+    accumulator), blocks that the column tiles do not straddle."""
     if not d.is_cuda or os.environ.get("PIXART_TUNE_TRITON_LORA") == "0" or not _hopper_sms(d.get_device()):
         return False
     if d.get_device() != torch.cuda.current_device():
@@ -315,7 +315,9 @@ def wanted_thin_pair(d: Tensor, p: Tensor, h: Tensor, groups: int = 1) -> bool:
         return False
     if m * n >= 2**31:  # the kernel's offsets are 32-bit
         return False
-    return all(_layout(t) is False for t in (d, p, h)) and h.shape == (m, r_all) and p.shape[0] == n
+    # h's rows may be padded (a view of [x | x A^T]: quack_gemm's joined LoRA linear); d and p row-major
+    h_rows_ok = h.stride(1) == 1 and h.stride(0) >= r_all
+    return _layout(d) is False and _layout(p) is False and h_rows_ok and h.shape == (m, r_all) and p.shape[0] == n
 
 
 def thin_pair(d: Tensor, p: Tensor, h: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:

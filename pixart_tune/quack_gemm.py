@@ -40,8 +40,19 @@ import torch
 from torch import Tensor, nn
 
 from .lora_ff import tanh_gelu_linears
-from .lora_fused import _fp8_copies, compute_dtype, give_forward, joinable, merged_weight, thin_pair
-from .quack_ops import ops
+from .lora_fused import (
+    _fp8_copies,
+    adapter_backward,
+    beside_room,
+    compute_dtype,
+    give_forward,
+    joinable,
+    lora_linear,
+    merged_weight,
+    thin_pair,
+    write_lowrank_,
+)
+from .quack_ops import MIN_ROWS, ops
 
 
 def _flat(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -114,11 +125,11 @@ class _GeluFeedForward(torch.autograd.Function):
         return dx, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-def _with_rank(t: Tensor, lowrank: Tensor) -> Tensor:
-    """[t | lowrank | 0] (M, K + r'): t (M, K) and the adapter's rank-r factor (M, r) joined along the
-    reduction, zero-padded to a multiple of 8 there (quack's operands need 16-byte rows)."""
-    pad = -lowrank.shape[1] % 8
-    return torch.cat([t, lowrank] + ([lowrank.new_zeros(lowrank.shape[0], pad)] if pad else []), dim=1)
+def _with_room(weight: Tensor, lowrank: Tensor, width: int) -> Tensor:
+    """[weight | lowrank | 0] (N, width): a weight (N, K) and the adapter's scaled B (N, r) joined along
+    the reduction, zero-padded to the width of the activation it meets (lora_fused.beside_room)."""
+    pad = width - weight.shape[1] - lowrank.shape[1]
+    return torch.cat([weight, lowrank] + ([lowrank.new_zeros(lowrank.shape[0], pad)] if pad else []), dim=1)
 
 
 class _LoraGeluFeedForward(torch.autograd.Function):
@@ -126,7 +137,8 @@ class _LoraGeluFeedForward(torch.autograd.Function):
     adapter term rides in the GELU kernel's reduction; the input gradients, through the GELU and
     after it, run on the merged weights:
 
-        forward   u1 = x A1^T          h, g = [x | u1] [W1 | s B1]^T + b1, gelu(h)     (one kernel)
+        forward   u1 = x A1^T          h, g = [x | u1] [W1 | s B1]^T + b1, gelu(h)     (one kernel;
+                                       u1 written beside x: lora_fused.write_lowrank_)
                   u2 = g A2^T          y = g W2^T + u2 (s B2)^T + b2
         backward  dh, g = gelu'(h) * (dy (W2 + s B2 A2)), gelu(h)   (one kernel)
                   dx = dh (W1 + s B1 A1)
@@ -144,19 +156,22 @@ class _LoraGeluFeedForward(torch.autograd.Function):
         dtype = compute_dtype(x)
         x2 = _flat(x, dtype)  # (M, C)
         a1c, b1s, a2c, b2s = a1.to(dtype), (bb1 * s1).to(dtype), a2.to(dtype), (bb2 * s2).to(dtype)
-        u1 = x2 @ a1c.t()  # (M, r)
-        w1u = _with_rank(w1.to(dtype), b1s)  # (4C, C + r')
-        h, g = ops.quack_gelu_linear(_with_rank(x2, u1), w1u, None if b1 is None else b1.to(dtype))  # (M, 4C)
+        xw = beside_room(x2, a1c.shape[0])  # (M, C + r'): [x | 0], made where x is (no copy of x)
+        write_lowrank_(xw, a1c)  # [x | u1 | 0]
+        w1u = _with_room(w1.to(dtype), b1s, xw.shape[1])  # (4C, C + r'): [W1 | s B1 | 0]
+        h, g = ops.quack_gelu_linear(xw, w1u, None if b1 is None else b1.to(dtype))  # (M, 4C)
         u2 = g @ a2c.t()  # (M, r)
         y = ops.quack_gemm_plus_lowrank(g, w2.to(dtype).t(), u2, b2s.t(), None if b2 is None else b2.to(dtype))
-        ctx.save_for_backward(x2, u1, h, u2, w1, a1, bb1, w2, a2, bb2)
+        ctx.save_for_backward(xw, h, u2, w1, a1, bb1, w2, a2, bb2)  # x and u1 kept as xw
         ctx.scalings, ctx.dtype, ctx.x_shape, ctx.x_dtype = (s1, s2), dtype, x.shape, x.dtype
         return y.reshape(*x.shape[:-1], -1)  # (..., C)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x2, u1, h, u2, w1, a1, bb1, w2, a2, bb2 = ctx.saved_tensors
+        xw, h, u2, w1, a1, bb1, w2, a2, bb2 = ctx.saved_tensors
         (s1, s2), dtype = ctx.scalings, ctx.dtype
+        c = w1.shape[1]
+        x2, u1 = xw[:, :c], xw[:, c : c + a1.shape[0]]  # (M, C), (M, r): views
         need = ctx.needs_input_grad  # x, w1, b1, a1, bb1, w2, b2, a2, bb2, s1, s2
         if need[1] or need[2] or need[5] or need[6]:
             raise RuntimeError("the LoRA feed-forward keeps its base weights and biases frozen")
@@ -174,6 +189,64 @@ class _LoraGeluFeedForward(torch.autograd.Function):
         grad_a2 = (v2.t() @ g).to(a2.dtype) if need[7] else None  # (r, 4C)
         grad_b2 = grad_b2.mul_(s2).to(bb2.dtype) if need[8] else None  # (C, r)
         return dx, None, None, grad_a1, grad_b1, None, None, grad_a2, grad_b2, None, None
+
+
+class _JoinedLoraLinear(torch.autograd.Function):
+    """A LoRA linear (frozen base) whose adapter term joins the base GEMM's reduction, on quack:
+
+        forward   xw = [x | x A^T]                  (M, K + r'): x written there by the kernel that makes it
+                  y  = xw [W | s B]^T + b           one GEMM, K + r' deep
+        backward  lora_fused.adapter_backward, with x and h = x A^T read from xw
+
+    For the joint q/k/v projection (K = 1152, three rank-16 blocks: 48 more columns of reduction) on an
+    H100 at M = 32768 (`python scripts/probe_kernels.py kcat`): 0.364 ms against 0.414 for lowrank_triton's
+    kernel, which adds the adapter term in its epilogue but whose mainloop is slower than quack's. It
+    pays only where x comes from a kernel that can write it into [x | 0] (the block's norm): building
+    xw by a copy costs 0.057 ms. So it runs where the projection's input is a norm's output (FA4's
+    q/k/v projection), not where it is another kernel's (the out projection reads FA4's output).
+    The result is lora_fused's up to rounding (the adapter's term summed in the GEMM's fp32 accumulator)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
+                groups: int):  # fmt: skip
+        # x (..., K); weight (N, K) and bias (N,) frozen; lora_a (r, K); lora_b (N, r), block diagonal in
+        # `groups` blocks for a joint projection (lora_fused.joint_projection)
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
+            a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
+            xw = beside_room(x2, a.shape[0])  # (M, K + r')
+            write_lowrank_(xw, a)  # [x | x A^T]
+            ww = _with_room(weight.to(dtype), b, xw.shape[1])  # (N, K + r'): [W | s B | 0]
+            y = ops.quack_linear(xw, ww, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xw, weight, lora_a, lora_b)
+        ctx.scaling, ctx.groups, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, groups, dtype, x.shape, x.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None and bias.requires_grad else None
+        return y.reshape(*x.shape[:-1], -1)  # (..., N)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        xw, weight, lora_a, lora_b = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("the joined LoRA linear keeps its base weight frozen")
+        k, r = weight.shape[1], lora_a.shape[0]
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = _flat(dy, ctx.dtype)  # (M, N)
+            needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+            dx, grad_a, grad_b, _ = adapter_backward(dy2, xw[:, :k], xw[:, k : k + r], weight, lora_a, lora_b,
+                                                     ctx.scaling, needs, groups=ctx.groups)  # fmt: skip
+        dx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        return dx, None, grad_bias, grad_a, grad_b, None, None
+
+
+def joined_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                       scaling: float, groups: int = 1, fp8=None) -> Tensor:  # fmt: skip
+    """lora_fused.lora_linear with the adapter joined to the reduction (_JoinedLoraLinear) where quack's
+    GEMM takes it (enough rows, no fp8 copies); lora_linear itself elsewhere."""
+    if fp8 is not None or x.numel() < MIN_ROWS * x.shape[-1]:
+        return lora_linear(x, weight, bias, lora_a, lora_b, scaling, groups, fp8)
+    return _JoinedLoraLinear.apply(x, weight, bias, lora_a, lora_b, scaling, groups)
 
 
 def _lora_args(layer) -> tuple | None:
@@ -225,6 +298,6 @@ def use_quack_gemms(model: nn.Module) -> int:
     for block in transformer_blocks(model):
         processor = block.attn1.processor
         if isinstance(processor, FA4SelfAttention) and processor.linear is not quack_linear:
-            processor.linear = quack_linear
+            processor.linear, processor.lora_linear = quack_linear, joined_lora_linear
             changed += 1
     return changed

@@ -10,6 +10,7 @@
     python scripts/probe_kernels.py linear-gemm-layouts [--out F]  # a trainable linear's GEMMs in each layout
     python scripts/probe_kernels.py quack-gemms [--out F]  # quack_ops.py's operators against cuBLAS (+ Inductor)
     python scripts/probe_kernels.py thin-pair [--out F]    # a LoRA's dh and dB: two GEMMs vs one read of dy
+    python scripts/probe_kernels.py kcat [--out F]         # a LoRA projection's forward: Triton vs quack on [x | x A^T]
 
 lora-gemms: at PixArt's 1024 px shapes (batch 8: M = 32768 tokens, r = 16), the forward + input-gradient
 GEMMs of a frozen linear alone, then with a LoRA adapter as lora_fused.py runs it (its in-place sums
@@ -39,6 +40,11 @@ thin-pair: a LoRA layer's two thin backward products from its output gradient dy
 dh = dy (s B) and dy^T h, as two cuBLAS GEMMs and as lowrank_triton.thin_pair's one kernel, under
 several tile settings, for the attention's projections, the joint q/k/v projection (three rank-16
 blocks) and the feed-forward's 4608-wide gradient.
+
+kcat: a LoRA'd attention projection's forward y = x W^T + b + (x A^T)(s B)^T at M = 32768 tokens (the
+joint q/k/v projection, three rank-16 blocks, and the out projection): lowrank_triton's one kernel (the
+path now), against quack's plain GEMM on the adapter joined along the reduction, [x | x A^T] [W | s B]^T
+(as the LoRA feed-forward's up-projection runs), with and without the cost of building [x | x A^T].
 
 fa4-tiles: the self-attention (8 x 16 heads x 4096 tokens x 72) forward and backward under
 flash-attn-4's own tile choice and under others, by swapping its private `_tile_size_*_sm90`
@@ -468,6 +474,39 @@ def _quack_row(m: int, k: int, n: int) -> dict:
     return row
 
 
+def kcat(m: int = 32768) -> list[dict]:
+    return [_kcat_row(m, 1152, 1152, 16, 1), _kcat_row(m, 1152, 3456, 48, 3)]
+
+
+def _kcat_row(m: int, k: int, n: int, r: int, groups: int) -> dict:
+    from pixart_tune import quack_ops  # noqa: F401 - registers the operators
+    from pixart_tune.lora_fused import gemm_plus_lowrank
+
+    ops = torch.ops.pixart_tune
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1
+    a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    blocks = [torch.randn(n // groups, r // groups, device="cuda") * 0.1 for _ in range(groups)]
+    b = torch.block_diag(*blocks).to(torch.bfloat16)  # (N, r), block diagonal for the joint projection
+    h = x @ a.t()  # (M, r)
+    pad = -r % 8
+    xw = torch.cat([x, h, h.new_zeros(m, pad)], dim=1)  # (M, K + r + pad)
+    ww = torch.cat([w, b, b.new_zeros(n, pad)], dim=1)  # (N, K + r + pad)
+    want = torch.addmm(bias.float(), x.float(), w.float().t()) + h.float() @ b.float().t()
+    row = {"k": k, "n": n, "r": r, "groups": groups,
+           "triton_ms": kernel_ms(lambda: gemm_plus_lowrank(x, w.t(), h, b.t(), bias, groups)),
+           "quack_kcat_ms": kernel_ms(lambda: ops.quack_linear(xw, ww, bias)),
+           "cat_ms": kernel_ms(lambda: torch.cat([x, h, h.new_zeros(m, pad)], dim=1)),
+           "quack_base_ms": kernel_ms(lambda: ops.quack_linear(x, w, bias)),
+           "cublas_base_ms": kernel_ms(lambda: torch.addmm(bias, x, w.t())),
+           "cublas_pair_ms": kernel_ms(lambda: torch.addmm(bias, h, b.t()).addmm_(x, w.t())),
+           "triton_err": rel_err(gemm_plus_lowrank(x, w.t(), h, b.t(), bias, groups), want),
+           "quack_kcat_err": rel_err(ops.quack_linear(xw, ww, bias), want)}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def _out_and_grads(module, call, x: torch.Tensor, dout: torch.Tensor) -> dict:
     """One forward and backward: the output, dx and the trainable parameters' gradients, by name."""
     module.zero_grad()
@@ -480,7 +519,8 @@ def _out_and_grads(module, call, x: torch.Tensor, dout: torch.Tensor) -> dict:
 
 PROBES = {"lora-gemms": lora_gemms, "fa4-tiles": fa4_tiles, "lowrank-triton": lowrank_triton,
           "cross-attention": cross_attention, "fp8-gemms": fp8_gemms, "cross-attention-fold": cross_attention_fold,
-          "linear-gemm-layouts": linear_gemm_layouts, "quack-gemms": quack_gemms, "thin-pair": thin_pair}  # fmt: skip
+          "linear-gemm-layouts": linear_gemm_layouts, "quack-gemms": quack_gemms, "thin-pair": thin_pair,
+          "kcat": kcat}  # fmt: skip
 
 
 def main(argv=None) -> int:

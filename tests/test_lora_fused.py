@@ -179,6 +179,23 @@ def test_thin_pair_op_values_and_registration(groups):
     torch.library.opcheck(thin_pair, (d, p, h, groups))  # schema, fake tensor, no aliasing
 
 
+def test_write_lowrank_fills_the_room_beside_x():
+    """beside_room: [x | 0] with rows rounded up to a multiple of 64 values (at least r zero columns);
+    write_lowrank_ puts x A^T in the first r of them, in place, leaving x and the padding as they were."""
+    from pixart_tune.lora_fused import beside_room, write_lowrank_
+
+    g = torch.Generator().manual_seed(5)
+    x, a = torch.randn(12, 24, generator=g), torch.randn(4, 24, generator=g)
+    assert beside_room(x, 40).shape == (12, 64) and beside_room(x, 41).shape == (12, 128)
+    assert beside_room(torch.randn(3, 1152), 48).shape == (3, 1216)  # PixArt's q/k/v: 19 tiles of 64, as 1200
+    xw = beside_room(x, 4)
+    assert xw.shape == (12, 64) and torch.equal(xw[:, :24], x) and (xw[:, 24:] == 0).all()
+    write_lowrank_(xw, a)
+    torch.testing.assert_close(xw[:, 24:28], x @ a.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(xw[:, :24], x) and (xw[:, 28:] == 0).all()
+    torch.library.opcheck(write_lowrank_, (beside_room(x, 4), a))  # schema (the mutation declared), fake
+
+
 def test_compiled_graphs_sum_in_place_through_the_op():
     """Traced by torch.compile, forward and backward each run the opaque op once and no addmm: an
     out-of-place addmm with a full C is what copies C (the 32 ms a step the op removes)."""

@@ -120,6 +120,24 @@ def test_thin_pair_matches_fp32_from_one_read(n, groups, m):
     assert (dtb[keep == 0] == 0).all()
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_thin_pair_reads_h_from_padded_rows(groups):
+    """h as the joined LoRA linear keeps it, a view of [x | h] (rows K + r apart): taken, and the same
+    results, bit for bit, as from a contiguous copy."""
+    from pixart_tune import lowrank_triton
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    bf = {"device": "cuda", "dtype": torch.bfloat16}
+    m, k, n, r = 4096, 1152, 1152 * groups, 16 * groups
+    d, xw = torch.randn(m, n, **bf, generator=g), torch.randn(m, k + r, **bf, generator=g)
+    p = torch.block_diag(*(torch.randn(n // groups, 16, **bf, generator=g) for _ in range(groups)))
+    h = xw[:, k:]  # (M, r), rows k + r apart
+    assert lowrank_triton.wanted_thin_pair(d, p, h, groups)
+    for got, want in zip(lowrank_triton.thin_pair(d, p, h, groups), lowrank_triton.thin_pair(d, p, h.contiguous(), groups)):
+        assert torch.equal(got, want)
+    assert not lowrank_triton.wanted_thin_pair(d, p, xw[:, : 2 * r : 2], groups)  # columns not adjacent
+
+
 def test_thin_pair_routing():
     from pixart_tune import lowrank_triton
 

@@ -9,6 +9,7 @@ GPU test compares quack's kernels themselves with fp32.
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 
 import pytest
@@ -71,12 +72,18 @@ def test_on_the_tiny_model_it_is_the_plain_models_maths(tiny_base):
                              "quack_input_grad": 3 * blocks, "quack_gelu_input_and_bias_grad": blocks}  # fmt: skip
 
 
-@pytest.mark.parametrize("rank", [4, 8])  # 4: the rank padded to 8 in the joined reduction
-def test_lora_feed_forwards_give_the_fused_lora_layers_maths(tiny_base, rank):
+@pytest.mark.parametrize("joined", [False, True])
+@pytest.mark.parametrize("rank", [4, 8])
+def test_lora_feed_forwards_give_the_fused_lora_layers_maths(tiny_base, rank, joined, monkeypatch):
     """LoRA on attention and feed-forward (fused linears, as the trainer runs them), fp32: with the
     feed-forwards on _LoraGeluFeedForward the output and the adapters' gradients are the fused
-    layers' own; the self-attention's LoRA linears keep their kernels (no quack_linear)."""
+    layers' own. The self-attention's q/k/v projection joins its adapter to quack's reduction
+    (_JoinedLoraLinear) where there are rows enough (`joined`: the tiny model's few rows made enough);
+    else it, like the out projection, keeps lora_fused's kernels (no quack_linear)."""
     from pixart_tune.lora_fused import fuse_lora_linears
+
+    if joined:
+        monkeypatch.setattr(quack_gemm, "MIN_ROWS", 1)
 
     ref = tiny_lora(tiny_base, targets="attention+ff", rank=rank)
     fuse_lora_linears(ref)
@@ -94,7 +101,47 @@ def test_lora_feed_forwards_give_the_fused_lora_layers_maths(tiny_base, rank):
     # per block: the up-projection with its GELU, forward and backward; the down-projection's forward
     # adding into the adapter's term; the up-projection's input gradient on the merged weight
     assert counter.calls == {"quack_gelu_linear": blocks, "quack_gelu_input_grad": blocks,
-                             "quack_gemm_plus_lowrank": blocks, "quack_input_grad": blocks}  # fmt: skip
+                             "quack_gemm_plus_lowrank": blocks, "quack_input_grad": blocks,
+                             **({"quack_linear": blocks} if joined else {})}  # fmt: skip
+
+
+def _lora_operands(m=64, k=32, n=3 * 24, r=3 * 4, groups=3, seed=0):
+    """x (m, k) and a joint projection's frozen weight, bias, stacked A and block-diagonal scaled B."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    weight, bias = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, generator=g) * 0.1
+    lora_a = torch.randn(r, k, generator=g) / k**0.5
+    lora_b = torch.block_diag(*(torch.randn(n // groups, r // groups, generator=g) for _ in range(groups)))
+    return x, weight, bias, lora_a, lora_b
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_joined_lora_linear_is_lora_linears_maths(groups, monkeypatch):
+    """fp32: [x | x A^T] [W | s B]^T + b and its backward give lora_fused.lora_linear's output and
+    gradients (x, A, B), through quack_linear once; with fewer rows than quack takes, lora_linear runs."""
+    from pixart_tune.lora_fused import lora_linear
+
+    operands = _lora_operands(r=4 * groups, n=24 * groups, groups=groups)
+    want = _lora_out_and_grads(lora_linear, *operands, groups)
+    monkeypatch.setattr(quack_gemm, "MIN_ROWS", operands[0].shape[0])
+    with _OpCounter() as counter:
+        got = _lora_out_and_grads(quack_gemm.joined_lora_linear, *operands, groups)
+    assert counter.calls == {"quack_linear": 1}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(quack_gemm, "MIN_ROWS", operands[0].shape[0] + 1)
+    with _OpCounter() as counter:
+        _lora_out_and_grads(quack_gemm.joined_lora_linear, *operands, groups)
+    assert not counter.calls
+
+
+def _lora_out_and_grads(fn, x, weight, bias, lora_a, lora_b, groups, scaling=0.5):
+    """fn (lora_linear's signature) on x as (2, M/2, K): the output and the gradients of x, A and B for
+    a fixed output gradient."""
+    dy = torch.randn(x.shape[0], weight.shape[0], generator=torch.Generator().manual_seed(1)).to(x)
+    leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b)]
+    out = fn(leaves[0].view(2, -1, x.shape[1]), weight, bias, leaves[1], leaves[2], scaling, groups)
+    return out.reshape(dy.shape), *torch.autograd.grad(out, leaves, dy.view(out.shape))
 
 
 def test_under_bf16_autocast_fp32_masters_get_fp32_gradients(tiny_base):
@@ -150,12 +197,46 @@ def test_operators_pass_opcheck(op):
     torch.library.opcheck(getattr(torch.ops.pixart_tune, op).default, args)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_a_compiled_block_is_one_graph(tiny_base, lora):
-    """No graph break in the feed-forward or the projections, plain or with fused LoRA linears: a
-    compiled block is one graph, and compiled and eager agree."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])  # fmt: skip
+def test_inductor_writes_x_where_its_lowrank_joins_it(device):
+    """What the joined reductions rely on, compiled by Inductor: a norm's output x joined with its
+    rank-r projection ([x | x A^T]: beside_room, then write_lowrank_; PixArt's q/k/v widths) is written
+    by the norm's own kernel into the joined buffer, and write_lowrank_ fills that buffer in place: no
+    kernel copies x or the buffer (a copy costs about what the joined GEMM saves on the GPU, where
+    Inductor would pad a row of 1200 values and copy the padded buffer for the operator). Values
+    equal eager's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from pixart_tune.lora_fused import beside_room, write_lowrank_
+
+    def joined(h, a):  # h (M, K), a (r, K)
+        x = F.layer_norm(h, (h.shape[1],)) * 1.5 + 0.25
+        xw = beside_room(x, a.shape[0])
+        write_lowrank_(xw, a)
+        return xw
+
+    g = torch.Generator().manual_seed(0)
+    h, a = torch.randn(4096, 1152, generator=g).to(device), (torch.randn(48, 1152, generator=g) / 32).to(device)
+    torch._dynamo.reset()
+    got, (code,) = run_and_get_code(torch.compile(joined, fullgraph=True), h, a)
+    torch.testing.assert_close(got, joined(h, a), rtol=1e-4, atol=1e-4)
+    assert got.shape == (4096, 1216) and got.stride() == (1216, 1) and (got[:, 1200:] == 0).all()
+    kernels = re.findall(r"^(\w+) = async_compile\.(?:cpp_pybinding|triton)\(", code, flags=re.M)
+    # the norm's kernel writing x (with the zeros, or a second small kernel for them on the GPU)
+    assert 1 <= len(kernels) <= 2 and not any("write_lowrank" in k for k in kernels), code
+    assert "write_lowrank_.default(buf" in code and "clone" not in code, code
+
+
+@pytest.mark.parametrize("lora", [False, True, "joined"])
+def test_a_compiled_block_is_one_graph(tiny_base, lora, monkeypatch):
+    """No graph break in the feed-forward or the projections, plain or with fused LoRA linears (and the
+    joined q/k/v projection, its in-place write_lowrank_ included): a compiled block is one graph,
+    and compiled and eager agree."""
     from pixart_tune.lora_fused import fuse_lora_linears
 
+    if lora == "joined":
+        monkeypatch.setattr(quack_gemm, "MIN_ROWS", 1)
     if lora:
         model = tiny_lora(tiny_base, targets="attention+ff", rank=8)
         fuse_lora_linears(model)
@@ -292,3 +373,20 @@ def test_quack_kernels_match_fp32_on_gpu(op):
     for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
         err = ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
         assert err < 1e-2, (op, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and quack_runs_on(torch.device("cuda"))),
+                    reason="needs quack and a Hopper GPU")  # fmt: skip
+def test_joined_lora_linear_matches_fp32_on_gpu():
+    """The joint q/k/v projection's shape of adapter (three rank-16 blocks) joined to quack's reduction,
+    bf16 at 4096 rows (thin_pair reading h from the joined buffer's rows): output and gradients of
+    x, A and B against lora_linear's maths in fp64 on the CPU."""
+    from pixart_tune.lora_fused import lora_linear
+
+    operands = _lora_operands(m=4096, k=256, n=3 * 256, r=48, groups=3)
+    got = _lora_out_and_grads(quack_gemm.joined_lora_linear, *(t.cuda().bfloat16() for t in operands), 3)
+    want = _lora_out_and_grads(lora_linear, *(t.double() for t in operands), 3)
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
+        assert err < 2e-2, (i, err)
