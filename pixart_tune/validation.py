@@ -96,9 +96,28 @@ class Validator:
                 row.append(pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0])
             rows.append(row)
         self.vae.to("cpu")
+        return_to_shards(transformer)
         transformer.train(was_training)
         path = out_dir / f"step-{step:06d}.png"
         return _save_grid(rows, path) if save else path
+
+
+def return_to_shards(model: torch.nn.Module) -> None:
+    """Put FSDP2's gathered weights back in their shards after forwards without a backward (sampling).
+
+    recipes/accelerate/fsdp2.yaml keeps each block's gathered weights from its forward to its backward
+    (`fsdp_reshard_after_forward: false`: one all-gather per block a step instead of two). A forward
+    with no backward after it leaves them gathered: plain tensors where the optimizer and the
+    checkpoint expect each process's shard, and a checkpoint taken then hangs in its collectives
+    (scripts/fsdp_check.py's validation at step 4, before its checkpoint). A no-op for a model that FSDP
+    does not shard, or whose weights are in their shards already."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch before 2.6 keeps it here
+        from torch.distributed._composable.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _save_grid(rows: list[list[Image.Image]], path: Path) -> Path:

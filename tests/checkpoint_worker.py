@@ -1,11 +1,13 @@
 """A small training sequence for tests/test_checkpoint.py, run in one process (plain weights) or
 under torch.distributed.run with 2 gloo processes and FSDP2 (`--fsdp`), which shards every weight.
 
-    python checkpoint_worker.py OUT [--fsdp] [--optimizer NAME]
+    python checkpoint_worker.py OUT [--fsdp [--kept-gathered]] [--optimizer NAME]
 trains 3 steps, saves checkpoint step 3, trains 3 more and writes OUT/straight-*.safetensors;
 then a fresh model resumes from the checkpoint, trains 3 steps and writes OUT/resumed-*.safetensors.
 With `--cross CKPT` it also resumes from another run's checkpoint (e.g. a sharded run's) into
-OUT/cross-*.safetensors.
+OUT/cross-*.safetensors. With `--kept-gathered` FSDP keeps the gathered weights from each forward to
+its backward (reshard_after_forward=False, as recipes/accelerate/fsdp2.yaml), and a forward without a
+backward (validation's sampling, then validation.return_to_shards) comes before the step-3 checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pixart_tune.ema import EMA
 from pixart_tune.optim import make_lr_schedule, make_optimizer
 
 
-def build(seed: int, fsdp: bool) -> torch.nn.Module:
+def build(seed: int, fsdp: bool, kept_gathered: bool = False) -> torch.nn.Module:
     """The frozen first layer is the same whatever `seed` (it is the "base"); the trained ones differ."""
     torch.manual_seed(0)
     # Odd sizes: FSDP pads uneven shards; the frozen first layer must stay out of the checkpoint.
@@ -38,8 +40,8 @@ def build(seed: int, fsdp: bool) -> torch.nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         for layer in (model[0], model[2], model[3]):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, reshard_after_forward=not kept_gathered)
+        fully_shard(model, reshard_after_forward=not kept_gathered)
     return model
 
 
@@ -55,14 +57,15 @@ def steps(model, optimizer, schedule, ema, first: int, count: int) -> None:
         ema.update()
 
 
-def run_sequence(out: Path, optimizer_name: str = "adamw", fsdp: bool = False, cross: Path | None = None) -> None:
+def run_sequence(out: Path, optimizer_name: str = "adamw", fsdp: bool = False, cross: Path | None = None,
+                 kept_gathered: bool = False) -> None:  # fmt: skip
     """The sequence of the module docstring; with `fsdp` the process group must be initialised."""
     is_main = not fsdp or dist.get_rank() == 0
     cfg = SimpleNamespace(optimizer=optimizer_name, lr=0.05 if optimizer_name != "prodigy" else 1.0, weight_decay=0.01,
                           warmup_steps=2, steps=9, lr_scheduler="cosine")  # fmt: skip
 
     def fresh(seed):
-        model = build(seed, fsdp)
+        model = build(seed, fsdp, kept_gathered)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         optimizer = make_optimizer(list(named.values()), cfg)
         return model, optimizer, make_lr_schedule(optimizer, cfg), EMA(named, 0.8)
@@ -75,6 +78,12 @@ def run_sequence(out: Path, optimizer_name: str = "adamw", fsdp: bool = False, c
 
     model, optimizer, schedule, ema = fresh(0)
     steps(model, optimizer, schedule, ema, 0, 3)
+    if kept_gathered:  # a validation: forwards only, then the weights back in their shards
+        from pixart_tune.validation import return_to_shards
+
+        with torch.no_grad():
+            model(torch.randn(2, 6))
+        return_to_shards(model)
     path = save_checkpoint(out, 3, model=model, optimizer=optimizer, scheduler=schedule, ema=ema,
                            state={"sampler": {}}, keep=2, main=is_main)  # fmt: skip
     if fsdp:
@@ -97,10 +106,11 @@ def main() -> None:
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--cross", type=Path)
+    parser.add_argument("--kept-gathered", action="store_true")
     args = parser.parse_args()
     if args.fsdp:
         dist.init_process_group("gloo")
-    run_sequence(args.out, args.optimizer, args.fsdp, args.cross)
+    run_sequence(args.out, args.optimizer, args.fsdp, args.cross, args.kept_gathered)
     if args.fsdp:
         dist.destroy_process_group()
 

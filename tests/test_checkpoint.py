@@ -18,14 +18,14 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 
-def _run(out: Path, optimizer: str = "adamw", cross: Path | None = None, fsdp: bool = False) -> None:
+def _run(out: Path, optimizer: str = "adamw", cross: Path | None = None, fsdp: bool = False, *extra: str) -> None:
     """The worker's sequence: in this process, or sharded by FSDP2 over 2 gloo processes."""
     out.mkdir(parents=True, exist_ok=True)
     if not fsdp:
         run_sequence(out, optimizer, cross=cross)
         return
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = [str(WORKER), str(out), "--fsdp", "--optimizer", optimizer, *(["--cross", str(cross)] if cross else [])]
+    args = [str(WORKER), str(out), "--fsdp", "--optimizer", optimizer, *(["--cross", str(cross)] if cross else []), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Own process group, so that a hung collective is killed with its workers, not left behind.
     proc = subprocess.Popen([*launcher, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -68,6 +68,31 @@ def test_fsdp_sharded_checkpoint_is_the_full_one_and_resumes_exactly(tmp_path):
     # A run may resume on another number of GPUs: unsharded -> FSDP and FSDP -> one process.
     assert_same_tensors(_load(sharded, "cross"), _load(plain, "straight"), atol=1e-5)
     assert_same_tensors(_load(single, "cross"), _load(sharded, "straight"), atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_kept_gathered_checkpoints_after_a_validation(tmp_path):
+    """FSDP2 keeping each forward's gathered weights to its backward (the fsdp2.yaml recipe's setting), a
+    validation's forwards (no backward) before the step-3 checkpoint: with validation.return_to_shards
+    the checkpoint is written (without it, it hangs) and is the single process's, and the run and its
+    resumption end as the single process's run does."""
+    plain, sharded = tmp_path / "plain", tmp_path / "fsdp"
+    step3 = "checkpoints/step-000003"
+    _run(plain)
+    _run(sharded, "adamw", None, True, "--kept-gathered")
+    assert_same_tensors(load_file(str(sharded / step3 / "trainable.safetensors")),
+                        load_file(str(plain / step3 / "trainable.safetensors")), atol=1e-6)  # fmt: skip
+    assert_same_tensors(_load(sharded, "straight"), _load(plain, "straight"), atol=1e-5)
+    assert_same_tensors(_load(sharded, "resumed"), _load(sharded, "straight"), atol=1e-6)
+
+
+def test_return_to_shards_leaves_an_unsharded_model_alone():
+    from pixart_tune.validation import return_to_shards
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    return_to_shards(model)
+    assert_same_tensors(model.state_dict(), before, atol=0)
 
 
 def test_a_checkpoint_of_other_parameters_is_refused(tmp_path):
