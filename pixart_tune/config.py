@@ -115,8 +115,8 @@ class TrainConfig(_Section):
     bf16_stream: bool = True
     # On Hopper with quack installed (flash-attn-4 brings it): the blocks' feed-forward, GELU and its
     # gradient included, and FA4's q/k/v and out projections run on quack's GEMMs (quack_gemm.py): plain
-    # linears (a full fine-tune's, frozen ones) and LoRA feed-forwards; LoRA attention projections keep
-    # their own fused kernels.
+    # linears (a full fine-tune's, frozen ones), LoRA feed-forwards and the LoRA q/k/v projection (its
+    # adapter joined to the reduction); the LoRA out projection keeps its own fused kernel.
     quack_gemms: bool = True
     log_every: int = Field(10, ge=1)
     log_with: Literal["tensorboard", "none"] = "tensorboard"
