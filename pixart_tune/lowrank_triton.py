@@ -27,7 +27,7 @@ fp8.py). `python scripts/probe_kernels.py fp8-gemms`, against the bf16 op as rou
 max |y| (lora_ff.py's fp8 scale bounds).
 
 Below it, `thin_pair`: a LoRA backward's two thin products of its output gradient, dy (s B) and dy^T h,
-from one read of dy (lora_fused.thin_pair routes there).
+from one read of dy (lora_ops.thin_pair routes there).
 """
 
 from __future__ import annotations

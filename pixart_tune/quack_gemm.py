@@ -40,18 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from .lora_ff import tanh_gelu_linears
-from .lora_fused import (
-    _fp8_copies,
-    adapter_backward,
-    beside_room,
-    compute_dtype,
-    give_forward,
-    joinable,
-    lora_linear,
-    merged_weight,
-    thin_pair,
-    write_lowrank_,
-)
+from .lora_fused import _fp8_copies, adapter_backward, compute_dtype, give_forward, joinable, lora_linear, merged_weight
+from .lora_ops import beside_room, thin_pair, write_lowrank_
 from .quack_ops import MIN_ROWS, ops
 
 
@@ -127,7 +117,7 @@ class _GeluFeedForward(torch.autograd.Function):
 
 def _with_room(weight: Tensor, lowrank: Tensor, width: int) -> Tensor:
     """[weight | lowrank | 0] (N, width): a weight (N, K) and the adapter's scaled B (N, r) joined along
-    the reduction, zero-padded to the width of the activation it meets (lora_fused.beside_room)."""
+    the reduction, zero-padded to the width of the activation it meets (lora_ops.beside_room)."""
     pad = width - weight.shape[1] - lowrank.shape[1]
     return torch.cat([weight, lowrank] + ([lowrank.new_zeros(lowrank.shape[0], pad)] if pad else []), dim=1)
 
@@ -138,13 +128,13 @@ class _LoraGeluFeedForward(torch.autograd.Function):
     after it, run on the merged weights:
 
         forward   u1 = x A1^T          h, g = [x | u1] [W1 | s B1]^T + b1, gelu(h)     (one kernel;
-                                       u1 written beside x: lora_fused.write_lowrank_)
+                                       u1 written beside x: lora_ops.write_lowrank_)
                   u2 = g A2^T          y = g W2^T + u2 (s B2)^T + b2
         backward  dh, g = gelu'(h) * (dy (W2 + s B2 A2)), gelu(h)   (one kernel)
                   dx = dh (W1 + s B1 A1)
                   v2 = dy (s B2),  v1 = dh (s B1)
                   dA2 = v2^T g,  dB2 = s dy^T u2,  dA1 = v1^T x,  dB1 = s dh^T u1
-                  (v2 with dy^T u2, and v1 with dh^T u1, from one read of dy, dh: lora_fused.thin_pair)
+                  (v2 with dy^T u2, and v1 with dh^T u1, from one read of dy, dh: lora_ops.thin_pair)
 
     lora_fused's per-layer maths (adapter_forward / adapter_backward, the input gradients on the
     merged weights as there: lora_fused.merged_weight) in another order of sums; g is not kept (the

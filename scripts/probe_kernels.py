@@ -109,7 +109,7 @@ def lora_gemms(m: int = 32768, r: int = 16) -> list[dict]:
 
 
 def _lora_gemm_row(m: int, k: int, n: int, r: int) -> dict:
-    from pixart_tune.lora_fused import gemm_plus_lowrank
+    from pixart_tune.lora_ops import gemm_plus_lowrank
 
     x, dy = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
@@ -158,7 +158,7 @@ def _lowrank_row(direction: str, x, w, h, b) -> dict:
     from bench import triton_lora_off  # scripts/ is on sys.path when this runs as a script
 
     from pixart_tune import lowrank_triton as lt
-    from pixart_tune.lora_fused import gemm_plus_lowrank
+    from pixart_tune.lora_ops import gemm_plus_lowrank
 
     with triton_lora_off():
         row = {"k": x.shape[1], "n": w.shape[1], "direction": direction, "base_ms": timed(lambda: x @ w),
@@ -336,7 +336,7 @@ def fp8_gemms(m: int = 32768, r: int = 16) -> list[dict]:
 
 def _fp8_row(m: int, k: int, n: int, r: int, groups: int) -> dict:
     from pixart_tune.fp8 import quantize_rowwise
-    from pixart_tune.lora_fused import gemm_plus_lowrank, gemm_scaled_plus_lowrank
+    from pixart_tune.lora_ops import gemm_plus_lowrank, gemm_scaled_plus_lowrank
 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
@@ -480,7 +480,7 @@ def kcat(m: int = 32768) -> list[dict]:
 
 def _kcat_row(m: int, k: int, n: int, r: int, groups: int) -> dict:
     from pixart_tune import quack_ops  # noqa: F401 - registers the operators
-    from pixart_tune.lora_fused import gemm_plus_lowrank
+    from pixart_tune.lora_ops import gemm_plus_lowrank
 
     ops = torch.ops.pixart_tune
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

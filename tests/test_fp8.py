@@ -15,7 +15,8 @@ from conftest import tiny_forward, tiny_lora
 from torch import nn
 
 from pixart_tune.fp8 import E4M3_MAX, FP8_LAYERS, FP8Weights, apply_fp8, fp8_mm, quantize_rowwise
-from pixart_tune.lora_fused import fuse_lora_linears, gemm_scaled_plus_lowrank, joint_projection, lora_linear
+from pixart_tune.lora_fused import fuse_lora_linears, joint_projection, lora_linear
+from pixart_tune.lora_ops import gemm_scaled_plus_lowrank
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

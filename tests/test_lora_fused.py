@@ -10,7 +10,8 @@ from conftest import tiny_forward, tiny_lora, tiny_out_and_grads
 from torch import nn
 
 from pixart_tune import lora_fused
-from pixart_tune.lora_fused import fuse_lora_linears, gemm_plus_lowrank, joint_projection, lora_linear, thin_pair
+from pixart_tune.lora_fused import fuse_lora_linears, joint_projection, lora_linear
+from pixart_tune.lora_ops import gemm_plus_lowrank, thin_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,7 +183,7 @@ def test_thin_pair_op_values_and_registration(groups):
 def test_write_lowrank_fills_the_room_beside_x():
     """beside_room: [x | 0] with rows rounded up to a multiple of 64 values (at least r zero columns);
     write_lowrank_ puts x A^T in the first r of them, in place, leaving x and the padding as they were."""
-    from pixart_tune.lora_fused import beside_room, write_lowrank_
+    from pixart_tune.lora_ops import beside_room, write_lowrank_
 
     g = torch.Generator().manual_seed(5)
     x, a = torch.randn(12, 24, generator=g), torch.randn(4, 24, generator=g)

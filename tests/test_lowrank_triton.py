@@ -48,7 +48,7 @@ def test_larger_ranks_fit_the_shared_memory_or_go_to_cublas(r):
     """Rank 32 and 64 (lora.rank) take the kernel with a shallower pipeline; at 128 its tiles do not fit
     the shared memory, and the op's cuBLAS pair answers instead of a launch failure."""
     from pixart_tune import lowrank_triton
-    from pixart_tune.lora_fused import gemm_plus_lowrank as op
+    from pixart_tune.lora_ops import gemm_plus_lowrank as op
 
     x, w, h, b, bias = _operands(4096, 1152, 1152, r, True, True)
     want = x.float() @ w.float() + h.float() @ b.float() + bias.float()
@@ -77,7 +77,7 @@ def test_a_block_diagonal_b_adds_each_tiles_own_block(transposed):
 
 def test_the_op_routes_here_only_where_wanted(monkeypatch):
     from pixart_tune import lowrank_triton
-    from pixart_tune.lora_fused import gemm_plus_lowrank as op  # importing lora_fused registers the op
+    from pixart_tune.lora_ops import gemm_plus_lowrank as op  # importing lora_ops registers the op
 
     x, w, h, b, bias = _operands(4096, 1152, 1152, 16, True, True)
     calls = []
@@ -167,7 +167,7 @@ def test_tensors_on_another_gpu_stay_on_cublas_and_are_right():
     """Triton launches on the current device (and its scratch is allocated there): operands on another
     GPU, as in a process that did not make its GPU current, take the cuBLAS pair, on their own GPU."""
     from pixart_tune import lowrank_triton
-    from pixart_tune.lora_fused import gemm_plus_lowrank
+    from pixart_tune.lora_ops import gemm_plus_lowrank
 
     torch.cuda.set_device(0)
     x, w, h, b, bias = (t.to("cuda:1") for t in _operands(4096, 1152, 1152, 16, True, True))
@@ -257,7 +257,7 @@ def test_fp8_kernel_matches_fp32_of_the_same_fp8_values(k, n, groups):
 def test_the_fp8_op_routes_here_only_where_wanted(monkeypatch):
     """What the kernel declines goes to torch._scaled_mm plus the low-rank product, with the same result."""
     from pixart_tune import lowrank_triton
-    from pixart_tune.lora_fused import gemm_scaled_plus_lowrank as op
+    from pixart_tune.lora_ops import gemm_scaled_plus_lowrank as op
 
     xq, sx, wq, sw, h, b, bias = ops = _fp8_operands(4096, 1152, 1152, 16)
     want = _fp8_want(*ops)
@@ -291,7 +291,7 @@ def test_fp8_lora_linear_on_the_gpu_matches_the_bf16_one():
 
 def test_the_fp8_kernel_writes_each_rows_max_and_the_op_falls_back_to_the_same(monkeypatch):
     """row_max (lora_ff.py's scale bounds): max |y| of each row, atomically over the row's tiles."""
-    from pixart_tune.lora_fused import gemm_scaled_plus_lowrank_row_max as op
+    from pixart_tune.lora_ops import gemm_scaled_plus_lowrank_row_max as op
 
     ops = _fp8_operands(4096 + 37, 1152, 4608, 16)
     want = _fp8_want(*ops)

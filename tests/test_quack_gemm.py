@@ -208,7 +208,7 @@ def test_inductor_writes_x_where_its_lowrank_joins_it(device):
     equal eager's."""
     from torch._inductor.utils import run_and_get_code
 
-    from pixart_tune.lora_fused import beside_room, write_lowrank_
+    from pixart_tune.lora_ops import beside_room, write_lowrank_
 
     def joined(h, a):  # h (M, K), a (r, K)
         x = F.layer_norm(h, (h.shape[1],)) * 1.5 + 0.25
