@@ -343,7 +343,7 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
                     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 accelerator.log(row, step=done)
                 if metrics:
-                    metrics.write(json.dumps({"step": done, **row}) + "\n")
+                    metrics.write(json.dumps({"step": done, **row, "time": time.time()}) + "\n")  # time: Unix seconds
                     metrics.flush()
                 window_start, window_samples = now, 0
             if validator and cfg.validation.every and done % cfg.validation.every == 0 and done != t.steps:

@@ -42,6 +42,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from gpu_clock import ClockSampler, nvidia_smi_id  # noqa: E402 - scripts/ is on sys.path when run as a script
+
 from pixart_tune.step_profile import ENV as PROFILE_ENV  # noqa: E402 - the switch --trace sets (after the path)
 from pixart_tune.step_profile import parse_spec  # noqa: E402
 
@@ -142,17 +144,21 @@ def run_ours(base: Path, data: Path, cache: Path, work: Path, name: str, overrid
     shutil.rmtree(run, ignore_errors=True)  # a row run twice (sections sharing it) must not append to its metrics
     log_every = max(1, steps // 4)
     started = time.perf_counter()
-    train(REPO / "recipes" / "tiny-lora.yaml", [
-        f"output_dir={run}", f"model.base={base}", f"data.path={data}", f"data.cache_dir={cache}",
-        f"train.steps={steps}", f"train.log_every={log_every}", "train.log_with=none", "train.checkpoint_every=null",
-        *overrides,
-    ], show_progress=False)  # fmt: skip
+    gpu = nvidia_smi_id(torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    with ClockSampler(gpu) as clocks:  # the card's clock, power and temperature beside the rate (gpu_clock.py)
+        train(REPO / "recipes" / "tiny-lora.yaml", [
+            f"output_dir={run}", f"model.base={base}", f"data.path={data}", f"data.cache_dir={cache}",
+            f"train.steps={steps}", f"train.log_every={log_every}", "train.log_with=none", "train.checkpoint_every=null",
+            *overrides,
+        ], show_progress=False)  # fmt: skip
     total = time.perf_counter() - started
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    steady = [r["samples_per_s"] for r in rows if r["step"] > log_every]  # first interval holds the warm-up
+    steady = [r for r in rows if r["step"] > log_every]  # first interval holds the warm-up
     losses = [r["loss"] for r in rows]
-    result = {"samples_per_s": sum(steady) / len(steady), "peak_gib": peak_gib(), "wall_s": total,
-              "first_loss": losses[0], "last_loss": losses[-1], "final": str(run / "final")}  # fmt: skip
+    result = {"samples_per_s": sum(r["samples_per_s"] for r in steady) / len(steady), "peak_gib": peak_gib(),
+              "wall_s": total, "first_loss": losses[0], "last_loss": losses[-1], "final": str(run / "final")}  # fmt: skip
+    window_start = max(r["time"] for r in rows if r["step"] <= log_every)  # the steady window: after that row
+    result["gpu_state"] = clocks.summary(window_start, steady[-1]["time"])  # None without nvidia-smi
     traced, spec = run / "profile" / "rank0.json", os.environ.get(PROFILE_ENV)
     if spec and traced.is_file():  # --trace: the steps this run traced, summarised
         result["trace"] = summarise_trace_file(traced, spec)
@@ -410,7 +416,7 @@ def print_table(r: dict) -> None:
     print(f"\n{v['card']} | torch {v['torch']} (CUDA {v['cuda']}) | diffusers {v['diffusers']} | peft {v['peft']} | "
           f"transformers {v['transformers']} | accelerate {v['accelerate']} | {v['date']}")  # fmt: skip
     print(f"{r['resolution']} px, batch {r['batch']}, {r['steps']} steps per measurement\n")
-    print(f"{'measurement':<34}{'samples/s':>10}{'MFU':>7}{'peak GiB':>10}  vs baseline")
+    print(f"{'measurement':<34}{'samples/s':>10}{'MFU':>7}{'peak GiB':>10}{'SM MHz':>8}  vs baseline")
     for name, error in r.get("errors", {}).items():
         print(f"FAILED {name}: {error}")
     ref, cached, full = (r.get(k, {}).get("samples_per_s") for k in ("ref_recipe", "plain_cached_lora", "plain_full"))
@@ -447,7 +453,9 @@ def print_table(r: dict) -> None:
             vs = f"{m['samples_per_s'] / ref:.2f}x (a), {m['samples_per_s'] / cached:.2f}x (b)"
         elif method == "full" and key.startswith("full") and full:
             vs = f"{m['samples_per_s'] / full:.2f}x (c)"
-        print(f"{label:<34}{m['samples_per_s']:>10.2f}{mfu:>7}{m['peak_gib']:>10.1f}  {vs}")
+        state = m.get("gpu_state")
+        clock = f"{state['sm_mhz_median']:.0f}" if state else "-"
+        print(f"{label:<34}{m['samples_per_s']:>10.2f}{mfu:>7}{m['peak_gib']:>10.1f}{clock:>8}  {vs}")
     if "cache" in r:
         c = r["cache"]
         print(f"\ncache stage: {c['cache_images_per_s']:.1f} img/s vs raw encoders {c['raw_images_per_s']:.1f} img/s "

@@ -1,6 +1,7 @@
 """scripts/bench.py --smoke: the benchmark runs end to end on the tiny kit (CPU) and prints its table."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -20,6 +21,9 @@ def test_bench_smoke(tmp_path, tiny_home):
     for key in ("lora", "lora_fp8", "full", "ref_recipe", "plain_cached_lora", "plain_full"):
         assert data[key]["samples_per_s"] > 0, key
     assert data["inference"]["ours_s"] > 0 and data["inference"]["diffusers_peft_s"] > 0
+    assert "gpu_state" in data["lora"] and "SM MHz" in result.stdout  # the card's clock beside each rate
+    if shutil.which("nvidia-smi") is None:
+        assert data["lora"]["gpu_state"] is None  # no card to ask: the row still runs
     assert "ours: LoRA r16 attn+ff" in result.stdout and "(a) reference recipe" in result.stdout
     assert "torch " in result.stdout and "diffusers " in result.stdout  # versions are part of the table
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -37,6 +38,8 @@ def test_run_dir_holds_adapter_config_and_metrics(trained):
     assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 8
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 30
+    times = [line["time"] for line in lines]  # Unix seconds: when each interval ended
+    assert times == sorted(times) and time.time() - 3600 < times[0] <= times[-1] <= time.time()
 
 
 def test_loss_falls_on_sample_data(trained):
