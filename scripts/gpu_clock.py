@@ -4,8 +4,9 @@ A rate means little without the clock it ran at. An H100 training PixArt draws a
 so its SM clock drops below the 1980 MHz boost under the software power cap, and by how much can
 depend on how hot the card already is (scripts/results/2026-11-27-h100-lora-after-cache-stage.json:
 1755-1785 MHz at 650-662 W during a LoRA row). `ClockSampler` runs `nvidia-smi` in a loop beside the
-row and stamps each sample with `time.time()` as it arrives; the trainer's metrics rows carry the same
-clock (`time`), so `summarise` can keep only the samples of the row's steady window.
+row. Each sample carries nvidia-smi's own timestamp (the machine's local time, turned into Unix
+seconds here: lines can reach a pipe late, in buffered batches), and the trainer's metrics rows carry
+Unix seconds too (`time`), so `summarise` can keep only the samples of the row's steady window.
 
 Where nvidia-smi is missing (the CPU) or cannot report a field, there are no samples and the summary
 is None: the benchmark goes on without it.
@@ -18,25 +19,27 @@ import shutil
 import statistics
 import subprocess
 import threading
-import time
+from datetime import datetime
 
-FIELDS = "clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
+FIELDS = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active"
+STAMP = "%Y/%m/%d %H:%M:%S.%f"  # how nvidia-smi writes `timestamp`, in local time
 # NVML's clock event reasons (nvidia-smi -q -d PERFORMANCE) that slow a busy card; idle (0x1) and the
 # application clock setting (0x2) are left out.
 REASONS = {0x4: "power cap", 0x8: "hardware slowdown", 0x20: "thermal (software)", 0x40: "thermal (hardware)",
            0x80: "power brake"}  # fmt: skip
 
 
-def parse_sample(line: str, stamp: float) -> dict | None:
+def parse_sample(line: str) -> dict | None:
     """One line of `nvidia-smi --query-gpu=FIELDS --format=csv,noheader,nounits`, e.g.
-    '1785, 649.61, 63, 0x0000000000000004', as a sample stamped `stamp`; None for anything else (an
-    error message, '[N/A]' for a field this card or driver does not report)."""
+    '2026/11/27 11:39:57.519, 1785, 649.61, 63, 0x0000000000000004', as a sample stamped in Unix
+    seconds; None for anything else (an error message, '[N/A]' for a field this card or driver does
+    not report)."""
     parts = [p.strip() for p in line.split(",")]
-    if len(parts) != 4:
+    if len(parts) != 5:
         return None
     try:
-        return {"t": stamp, "sm_mhz": float(parts[0]), "power_w": float(parts[1]), "temp_c": float(parts[2]),
-                "reasons": int(parts[3], 16)}  # fmt: skip
+        return {"t": datetime.strptime(parts[0], STAMP).timestamp(), "sm_mhz": float(parts[1]),
+                "power_w": float(parts[2]), "temp_c": float(parts[3]), "reasons": int(parts[4], 16)}  # fmt: skip
     except ValueError:
         return None
 
@@ -86,7 +89,7 @@ class ClockSampler:
 
     def _read(self) -> None:
         for line in self._process.stdout:  # one line per sample, as nvidia-smi prints it
-            sample = parse_sample(line, time.time())
+            sample = parse_sample(line)
             if sample is not None:
                 self.samples.append(sample)
 
