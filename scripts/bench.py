@@ -337,9 +337,12 @@ def run_sections(args, work: Path) -> dict:
         overrides = [*common, f"data.resolution={r}", *extra, *args.set]
         section(name, run_ours, b, d, work / f"cache-{r}", work, name, overrides, steps)
 
-    if "cache" in want:
-        section("cache", measure_cache_throughput, str(base), dev, n_images=8 if smoke else 96, resolution=res,
+    def cache_stage(name="cache"):
+        section(name, measure_cache_throughput, str(base), dev, n_images=8 if smoke else 96, resolution=res,
                 batch_size=batch, workers=4 if smoke else 8, t5_dtype="bf16" if dev == "cuda" else "fp32")  # fmt: skip
+
+    if "cache" in want:
+        cache_stage()
     if "lora" in want:
         ours("lora", base, data, res, fast)
     if "fp8" in want and (smoke or torch.cuda.get_device_capability() >= (9, 0)):
@@ -363,6 +366,15 @@ def run_sections(args, work: Path) -> dict:
         ours("full_fa4", base, data, res, [*fa4, *FULL])
         ours("full_fa4_cublas", base, data, res, [*fa4, *FULL, "train.quack_gemms=false"])
         ours("full_fa4_2", base, data, res, [*fa4, *FULL])
+    if "cache_effect" in want:  # a LoRA row before and after the cache stage in one process, then after a minute idle
+        # The LoRA row that followed the cache stage ran 8% slower on two H100s, not explained
+        # (scripts/results/2026-11-27-h100-lora-after-cache-stage.json); each row's gpu_state shows the clock.
+        extra = fast if smoke or fa4_missing else fa4
+        ours("lora_before_cache", base, data, res, extra)
+        cache_stage("cache_between")
+        ours("lora_after_cache", base, data, res, extra)
+        time.sleep(0 if smoke else 60)
+        ours("lora_after_idle", base, data, res, extra)
     if "main_rows" in want and not smoke and not fa4_missing:  # the two main rows once: A/B across versions, by process
         ours("lora_fa4", base, data, res, fa4)
         ours("full_fa4", base, data, res, [*fa4, *FULL])
@@ -434,6 +446,9 @@ def print_table(r: dict) -> None:
             ("ours: LoRA, fa4, again", "lora_fa4_2", "lora", r["resolution"]),
             ("ours: LoRA, fa4, no quack GEMMs", "lora_fa4_cublas", "lora", r["resolution"]),
             ("ours: LoRA, fa4, no quack GEMMs, again", "lora_fa4_cublas_2", "lora", r["resolution"]),
+            ("ours: LoRA, before the cache stage", "lora_before_cache", "lora", r["resolution"]),
+            ("ours: LoRA, right after it", "lora_after_cache", "lora", r["resolution"]),
+            ("ours: LoRA, after a minute idle", "lora_after_idle", "lora", r["resolution"]),
             ("ours: full, fa4, no quack GEMMs", "full_fa4_cublas", "full", r["resolution"]),
             ("ours: full, fa4, no quack GEMMs, again", "full_fa4_cublas_2", "full", r["resolution"]),
             ("ours: LoRA r16, 512 px", "lora512", "lora", 512), ("ours: full fine-tune, 512 px", "full512", "full", 512),
@@ -645,7 +660,7 @@ def main(argv=None) -> int:
     p.add_argument("--multi-gpu", action="store_true", help="1 vs 2 GPUs through accelerate launch")
     p.add_argument("--profile", action="store_true", help="GPU time of the training step by kernel kind")
     p.add_argument("--only", nargs="*", default=None,
-                   help="sections: cache lora fp8 full fa4 headline quack adamw fold fold_full fa4_variants lora512 full512 memory baselines inference; "
+                   help="sections: cache lora fp8 full fa4 headline quack adamw fold fold_full fa4_variants lora512 full512 memory baselines inference cache_effect; "
                         "with --profile: lora fp8 fa4 full_fa4; with --multi-gpu: lora full fsdp")  # fmt: skip
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

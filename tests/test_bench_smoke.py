@@ -28,6 +28,24 @@ def test_bench_smoke(tmp_path, tiny_home):
     assert "torch " in result.stdout and "diffusers " in result.stdout  # versions are part of the table
 
 
+def test_bench_smoke_runs_lora_rows_around_the_cache_stage(tmp_path, tiny_home):
+    """--only cache_effect: a LoRA row before the cache stage, one right after it and one after the idle
+    (no wait under --smoke), in one process, each with its gpu_state."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke", "--steps", "2", "--only", "cache_effect",
+         "--work", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "errors" not in data, data.get("errors")
+    rows = ("lora_before_cache", "lora_after_cache", "lora_after_idle")
+    assert all(data[k]["samples_per_s"] > 0 and "gpu_state" in data[k] for k in rows)
+    assert data["cache_between"]["cache_images_per_s"] > 0 and "cache" not in data
+    assert "ours: LoRA, right after it" in result.stdout
+
+
 def test_bench_smoke_traces_a_rows_steps(tmp_path, tiny_home):
     """--trace on one process: the trained row's steps are traced (step_profile.py) and summarised."""
     out = tmp_path / "bench.json"
