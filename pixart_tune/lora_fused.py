@@ -126,6 +126,23 @@ def adapter_backward(dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a:
     return dx, grad_a, grad_b, dx_max
 
 
+def lora_linear_backward(ctx, dy2: Tensor, x2: Tensor, h: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+                         w8_t: Tensor | None = None, w8_t_scale: Tensor | None = None) -> tuple:  # fmt: skip
+    """(dx, d bias, dA, dB) of a LoRA linear with a frozen base weight, for the autograd functions whose
+    inputs open with (x, weight, bias, lora_a, lora_b) and whose ctx holds scaling, groups, dtype, x_shape,
+    x_dtype and bias_dtype (None: no bias gradient): adapter_backward on dy2 (M, N) in the compute dtype,
+    x2 (M, K) and h = x2 A^T (M, r), then dx in the input's shape and dtype."""
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError("a fused LoRA linear keeps its base weight frozen")
+    with torch.autocast(dy2.device.type, enabled=False):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        dx, grad_a, grad_b, _ = adapter_backward(dy2, x2, h, weight, lora_a, lora_b, ctx.scaling, needs, w8_t,
+                                                 w8_t_scale, groups=ctx.groups)  # fmt: skip
+    dx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+    grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return dx, grad_bias, grad_a, grad_b
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, scaling: float,
@@ -147,15 +164,8 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         x2, h, weight, lora_a, lora_b, w8_t, w8_t_scale = ctx.saved_tensors
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("the fused LoRA linear keeps its base weight frozen")
-        with torch.autocast(dy.device.type, enabled=False):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)  # (M, N)
-            needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-            dx, grad_a, grad_b, _ = adapter_backward(dy2, x2, h, weight, lora_a, lora_b, ctx.scaling, needs, w8_t,
-                                                     w8_t_scale, groups=ctx.groups)  # fmt: skip
-        dx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
-        grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.dtype)  # (M, N)
+        dx, grad_bias, grad_a, grad_b = lora_linear_backward(ctx, dy2, x2, h, weight, lora_a, lora_b, w8_t, w8_t_scale)
         return dx, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
 

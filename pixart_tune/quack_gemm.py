@@ -40,7 +40,15 @@ import torch
 from torch import Tensor, nn
 
 from .lora_ff import tanh_gelu_linears
-from .lora_fused import _fp8_copies, adapter_backward, compute_dtype, give_forward, joinable, lora_linear, merged_weight
+from .lora_fused import (
+    _fp8_copies,
+    compute_dtype,
+    give_forward,
+    joinable,
+    lora_linear,
+    lora_linear_backward,
+    merged_weight,
+)
 from .lora_ops import beside_room, thin_pair, write_lowrank_
 from .quack_ops import MIN_ROWS, ops
 
@@ -217,16 +225,9 @@ class _JoinedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         xw, weight, lora_a, lora_b = ctx.saved_tensors
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("the joined LoRA linear keeps its base weight frozen")
         k, r = weight.shape[1], lora_a.shape[0]
-        with torch.autocast(dy.device.type, enabled=False):
-            dy2 = _flat(dy, ctx.dtype)  # (M, N)
-            needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-            dx, grad_a, grad_b, _ = adapter_backward(dy2, xw[:, :k], xw[:, k : k + r], weight, lora_a, lora_b,
-                                                     ctx.scaling, needs, groups=ctx.groups)  # fmt: skip
-        dx = None if dx is None else dx.reshape(ctx.x_shape).to(ctx.x_dtype)
-        grad_bias = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        x2, h = xw[:, :k], xw[:, k : k + r]  # (M, K), (M, r): views of [x | x A^T]
+        dx, grad_bias, grad_a, grad_b = lora_linear_backward(ctx, _flat(dy, ctx.dtype), x2, h, weight, lora_a, lora_b)
         return dx, None, grad_bias, grad_a, grad_b, None, None
 
 

@@ -135,6 +135,24 @@ def test_joined_lora_linear_is_lora_linears_maths(groups, monkeypatch):
     assert not counter.calls
 
 
+def test_lora_linears_give_a_trainable_bias_its_gradient_and_refuse_a_trainable_weight(monkeypatch):
+    """Both LoRA linears (joined, and lora_fused's): a bias that requires grad gets dy summed over the
+    tokens; a base weight that requires grad stops the backward with an error instead of a wrong zero."""
+    from pixart_tune.lora_fused import lora_linear
+
+    x, weight, bias, lora_a, lora_b = _lora_operands(r=4, n=24, groups=1)
+    monkeypatch.setattr(quack_gemm, "MIN_ROWS", x.shape[0])  # the joined function runs, not its fallback
+    dy = torch.randn(x.shape[0], weight.shape[0], generator=torch.Generator().manual_seed(2))
+    for fn in (quack_gemm.joined_lora_linear, lora_linear):
+        trainable_bias = bias.clone().requires_grad_()
+        out = fn(x, weight, trainable_bias, lora_a.clone().requires_grad_(), lora_b, 0.5)
+        (grad_bias,) = torch.autograd.grad(out, [trainable_bias], dy)
+        torch.testing.assert_close(grad_bias, dy.sum(0))
+        out = fn(x, weight.clone().requires_grad_(), bias, lora_a.clone().requires_grad_(), lora_b, 0.5)
+        with pytest.raises(RuntimeError, match="keeps its base weight frozen"):
+            out.backward(dy)
+
+
 def _lora_out_and_grads(fn, x, weight, bias, lora_a, lora_b, groups, scaling=0.5):
     """fn (lora_linear's signature) on x as (2, M/2, K): the output and the gradients of x, A and B for
     a fixed output gradient."""
