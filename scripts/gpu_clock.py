@@ -96,7 +96,11 @@ class ClockSampler:
     def __exit__(self, *exc) -> None:
         if self._process is not None:
             self._process.terminate()
-            self._process.wait(timeout=10)
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # a sampler must never hold up the benchmark
+                self._process.kill()
+                self._process.wait()
             self._reader.join(timeout=10)
 
     def summary(self, start: float, end: float) -> dict | None:
