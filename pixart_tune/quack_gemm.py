@@ -123,11 +123,18 @@ class _GeluFeedForward(torch.autograd.Function):
         return dx, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-def _with_room(weight: Tensor, lowrank: Tensor, width: int) -> Tensor:
-    """[weight | lowrank | 0] (N, width): a weight (N, K) and the adapter's scaled B (N, r) joined along
-    the reduction, zero-padded to the width of the activation it meets (lora_ops.beside_room)."""
-    pad = width - weight.shape[1] - lowrank.shape[1]
-    return torch.cat([weight, lowrank] + ([lowrank.new_zeros(lowrank.shape[0], pad)] if pad else []), dim=1)
+def _joined_operands(x2: Tensor, weight: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The two operands of a LoRA linear whose adapter joins the base GEMM's reduction, one GEMM giving
+    x W^T + (x A^T) (s B)^T: xw = [x | x A^T | 0] (M, K + r') and [W | s B | 0] (N, K + r').
+
+    x2 (M, K), weight (N, K), a = A (r, K) and b = s B (N, r), all in the compute dtype. xw is made where
+    x is (lora_ops.beside_room: no copy of x under torch.compile) and x A^T written into it in place
+    (write_lowrank_); the weight is zero-padded to xw's width."""
+    xw = beside_room(x2, a.shape[0])  # (M, K + r'): [x | 0]
+    write_lowrank_(xw, a)  # [x | x A^T | 0]
+    pad = xw.shape[1] - weight.shape[1] - b.shape[1]
+    ww = torch.cat([weight, b] + ([b.new_zeros(b.shape[0], pad)] if pad else []), dim=1)  # (N, K + r')
+    return xw, ww
 
 
 class _LoraGeluFeedForward(torch.autograd.Function):
@@ -154,9 +161,7 @@ class _LoraGeluFeedForward(torch.autograd.Function):
         dtype = compute_dtype(x)
         x2 = _flat(x, dtype)  # (M, C)
         a1c, b1s, a2c, b2s = a1.to(dtype), (bb1 * s1).to(dtype), a2.to(dtype), (bb2 * s2).to(dtype)
-        xw = beside_room(x2, a1c.shape[0])  # (M, C + r'): [x | 0], made where x is (no copy of x)
-        write_lowrank_(xw, a1c)  # [x | u1 | 0]
-        w1u = _with_room(w1.to(dtype), b1s, xw.shape[1])  # (4C, C + r'): [W1 | s B1 | 0]
+        xw, w1u = _joined_operands(x2, w1.to(dtype), a1c, b1s)  # [x | u1 | 0] (M, C + r'), [W1 | s B1 | 0]
         h, g = ops.quack_gelu_linear(xw, w1u, None if b1 is None else b1.to(dtype))  # (M, 4C)
         u2 = g @ a2c.t()  # (M, r)
         y = ops.quack_gemm_plus_lowrank(g, w2.to(dtype).t(), u2, b2s.t(), None if b2 is None else b2.to(dtype))
@@ -213,9 +218,7 @@ class _JoinedLoraLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (M, K)
             a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
-            xw = beside_room(x2, a.shape[0])  # (M, K + r')
-            write_lowrank_(xw, a)  # [x | x A^T]
-            ww = _with_room(weight.to(dtype), b, xw.shape[1])  # (N, K + r'): [W | s B | 0]
+            xw, ww = _joined_operands(x2, weight.to(dtype), a, b)  # [x | x A^T | 0] (M, K + r'), [W | s B | 0]
             y = ops.quack_linear(xw, ww, None if bias is None else bias.to(dtype))
         ctx.save_for_backward(xw, weight, lora_a, lora_b)
         ctx.scaling, ctx.groups, ctx.dtype, ctx.x_shape, ctx.x_dtype = scaling, groups, dtype, x.shape, x.dtype
