@@ -159,6 +159,10 @@ def run_ours(base: Path, data: Path, cache: Path, work: Path, name: str, overrid
               "wall_s": total, "first_loss": losses[0], "last_loss": losses[-1], "final": str(run / "final")}  # fmt: skip
     window_start = max(r["time"] for r in rows if r["step"] <= log_every)  # the steady window: after that row
     result["gpu_state"] = clocks.summary(window_start, steady[-1]["time"])  # None without nvidia-smi
+    # Each logged interval's rate beside its clock: a long row (--steps 400) shows whether the rate settles.
+    starts = [window_start] + [r["time"] for r in steady[:-1]]
+    result["intervals"] = [{"to_step": r["step"], "samples_per_s": r["samples_per_s"], "gpu_state": clocks.summary(t0, r["time"])}
+                           for t0, r in zip(starts, steady)]  # fmt: skip
     traced, spec = run / "profile" / "rank0.json", os.environ.get(PROFILE_ENV)
     if spec and traced.is_file():  # --trace: the steps this run traced, summarised
         result["trace"] = summarise_trace_file(traced, spec)

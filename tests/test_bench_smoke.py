@@ -22,6 +22,8 @@ def test_bench_smoke(tmp_path, tiny_home):
         assert data[key]["samples_per_s"] > 0, key
     assert data["inference"]["ours_s"] > 0 and data["inference"]["diffusers_peft_s"] > 0
     assert "gpu_state" in data["lora"] and "SM MHz" in result.stdout  # the card's clock beside each rate
+    intervals = data["lora"]["intervals"]  # the steady logged intervals, each with its own rate
+    assert [i["to_step"] for i in intervals] == [2] and intervals[0]["samples_per_s"] == data["lora"]["samples_per_s"]
     if shutil.which("nvidia-smi") is None:
         assert data["lora"]["gpu_state"] is None  # no card to ask: the row still runs
     assert "ours: LoRA r16 attn+ff" in result.stdout and "(a) reference recipe" in result.stdout
