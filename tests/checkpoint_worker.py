@@ -13,6 +13,8 @@ backward (validation's sampling, then validation.return_to_shards) comes before 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,6 +63,10 @@ def run_sequence(out: Path, optimizer_name: str = "adamw", fsdp: bool = False, c
                  kept_gathered: bool = False) -> None:  # fmt: skip
     """The sequence of the module docstring; with `fsdp` the process group must be initialised."""
     is_main = not fsdp or dist.get_rank() == 0
+
+    def say(stage: str) -> None:  # progress, so that a failing sharded run shows how far each rank got
+        if fsdp:
+            print(f"rank {dist.get_rank()}: {stage}", flush=True)
     cfg = SimpleNamespace(optimizer=optimizer_name, lr=0.05 if optimizer_name != "prodigy" else 1.0, weight_decay=0.01,
                           warmup_steps=2, steps=9, lr_scheduler="cosine")  # fmt: skip
 
@@ -88,8 +94,10 @@ def run_sequence(out: Path, optimizer_name: str = "adamw", fsdp: bool = False, c
                            state={"sampler": {}}, keep=2, main=is_main)  # fmt: skip
     if fsdp:
         dist.barrier()
+    say("checkpoint written")
     steps(model, optimizer, schedule, ema, 3, 3)
     write("straight", model, ema)
+    say("straight written")
 
     for name, checkpoint in {"resumed": path, "cross": cross}.items():
         if checkpoint is None:
@@ -98,6 +106,7 @@ def run_sequence(out: Path, optimizer_name: str = "adamw", fsdp: bool = False, c
         load_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=schedule, ema=ema, rank=0)
         steps(model, optimizer, schedule, ema, 3, 3)
         write(name, model, ema)
+        say(f"{name} written")
 
 
 def main() -> None:
@@ -108,11 +117,25 @@ def main() -> None:
     parser.add_argument("--cross", type=Path)
     parser.add_argument("--kept-gathered", action="store_true")
     args = parser.parse_args()
-    if args.fsdp:
-        dist.init_process_group("gloo")
-    run_sequence(args.out, args.optimizer, args.fsdp, args.cross, args.kept_gathered)
-    if args.fsdp:
-        dist.destroy_process_group()
+    if not args.fsdp:
+        run_sequence(args.out, args.optimizer, cross=args.cross)
+        return
+    dist.init_process_group("gloo")
+    run_sequence(args.out, args.optimizer, True, args.cross, args.kept_gathered)
+    rank = dist.get_rank()
+    print(f"rank {rank}: sequence done", flush=True)  # a failure after this line is in the teardown
+    # Rank 1 writes no files and used to reach its teardown first, while rank 0 was still writing. Once
+    # (CI, torch 2.13 CPU) rank 1 then aborted ("terminate called without an active exception"): a
+    # C++ thread of the gloo group destroyed while running. So: free the FSDP modules' cycles while the
+    # group is alive, let both ranks finish before either takes its group down, and skip the
+    # interpreter's finalization, which would tear down whatever C++ state is left in no set order.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+    print(f"rank {rank}: group destroyed", flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

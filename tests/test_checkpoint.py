@@ -35,7 +35,8 @@ def _run(out: Path, optimizer: str = "adamw", cross: Path | None = None, fsdp: b
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-3000:]
+    progress = "\n".join(line for line in output.splitlines() if line.startswith("rank "))  # the worker's stages
+    assert proc.returncode == 0, f"{progress}\n...\n{output[-3000:]}"
 
 
 def _load(out: Path, name: str) -> dict[str, torch.Tensor]:
