@@ -67,37 +67,40 @@ class Validator:
 
         was_training = transformer.training
         transformer.eval()
-        self.vae.to(self.device)
-        pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=transformer,
-                                   scheduler=self.scheduler)  # fmt: skip
-        pipe.set_progress_bar_config(disable=True)
-        dtype = next(transformer.parameters()).dtype
-        null_e, null_m = self.embeds[-1:].to(self.device, dtype), self.masks[-1:].to(self.device)
-        rows = []
-        for i in range(len(self.cfg.prompts)):
-            row = []
-            for seed in self.cfg.seeds:
-                latents = pipe(
-                    prompt_embeds=self.embeds[i : i + 1].to(self.device, dtype),
-                    prompt_attention_mask=self.masks[i : i + 1].to(self.device),
-                    negative_prompt=None, negative_prompt_embeds=null_e, negative_prompt_attention_mask=null_m,
-                    num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
-                    height=self.cfg.height, width=self.cfg.width,
-                    # An explicit size is generated as is (e.g. the training buckets' size); without
-                    # one, the model's default size with the pipeline's aspect-ratio binning.
-                    use_resolution_binning=self.cfg.height is None and self.cfg.width is None,
-                    generator=torch.Generator(device="cpu").manual_seed(seed),
-                    # Decoded below: the latents come in the transformer's dtype (fp32 master weights in
-                    # a full fine-tune) while the VAE has the base's (bf16), which the pipeline would mix.
-                    # (Binning keeps the default square size as is, so no resize is owed after decoding.)
-                    output_type="latent",
-                ).images  # fmt: skip
-                pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-                row.append(pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0])
-            rows.append(row)
-        self.vae.to("cpu")
-        return_to_shards(transformer)
-        transformer.train(was_training)
+        try:
+            self.vae.to(self.device)
+            pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=transformer,
+                                       scheduler=self.scheduler)  # fmt: skip
+            pipe.set_progress_bar_config(disable=True)
+            dtype = next(transformer.parameters()).dtype
+            null_e, null_m = self.embeds[-1:].to(self.device, dtype), self.masks[-1:].to(self.device)
+            rows = []
+            for i in range(len(self.cfg.prompts)):
+                row = []
+                for seed in self.cfg.seeds:
+                    latents = pipe(
+                        prompt_embeds=self.embeds[i : i + 1].to(self.device, dtype),
+                        prompt_attention_mask=self.masks[i : i + 1].to(self.device),
+                        negative_prompt=None, negative_prompt_embeds=null_e, negative_prompt_attention_mask=null_m,
+                        num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
+                        height=self.cfg.height, width=self.cfg.width,
+                        # An explicit size is generated as is (e.g. the training buckets' size); without
+                        # one, the model's default size with the pipeline's aspect-ratio binning.
+                        use_resolution_binning=self.cfg.height is None and self.cfg.width is None,
+                        generator=torch.Generator(device="cpu").manual_seed(seed),
+                        # Decoded below: the latents come in the transformer's dtype (fp32 master weights in
+                        # a full fine-tune) while the VAE has the base's (bf16), which the pipeline would mix.
+                        # (Binning keeps the default square size as is, so no resize is owed after decoding.)
+                        output_type="latent",
+                    ).images  # fmt: skip
+                    scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+                    pixels = self.vae.decode(scaled, return_dict=False)[0]
+                    row.append(pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0])
+                rows.append(row)
+        finally:  # back to training as it was, also when sampling fails (e.g. out of memory)
+            self.vae.to("cpu")
+            return_to_shards(transformer)
+            transformer.train(was_training)
         path = out_dir / f"step-{step:06d}.png"
         return _save_grid(rows, path) if save else path
 

@@ -328,6 +328,30 @@ def test_full_fine_tune_validation_with_a_bf16_base(tmp_path, cache_dir):
     assert Image.open(tmp_path / "samples" / "step-000001.png").size == (96, 64)
 
 
+def test_a_failed_validation_leaves_the_model_as_training_had_it(tiny_base, monkeypatch):
+    """Sampling that fails midway (here the transformer's forward; on a GPU, running out of memory)
+    raises, and the model is back in training mode and in its shards (return_to_shards ran)."""
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart_tune import validation
+    from pixart_tune.config import Config
+
+    cfg = Config.model_validate({"validation": {"prompts": ["a photo of a cat"], "steps": 2, "height": 64, "width": 64}})
+    validator = validation.make_validator(cfg, str(tiny_base), "cpu", main=True, sharded=False)
+    transformer = PixArtTransformer2DModel.from_pretrained(tiny_base, subfolder="transformer").train()
+    returned = []
+    monkeypatch.setattr(validation, "return_to_shards", returned.append)
+
+    def fail(*args, **kwargs):
+        assert not transformer.training  # sampling runs in eval mode
+        raise RuntimeError("out of memory while sampling")
+
+    monkeypatch.setattr(transformer, "forward", fail)
+    with pytest.raises(RuntimeError, match="out of memory while sampling"):
+        validator(transformer, 4, Path("unused"), save=False)
+    assert transformer.training and returned == [transformer]
+
+
 def test_lora_learns_a_single_concept(tmp_path, cache_dir):
     """A LoRA on one concept lowers the loss on it, and what it generates moves toward it."""
     from pixart_tune import load_pipeline, train
