@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 
@@ -130,6 +131,13 @@ def test_missing_path_names_path_and_layouts(tmp_path):
         with pytest.raises(FileNotFoundError) as info:
             iter_source(missing, source)
         assert str(missing) in str(info.value) and "accepted dataset layouts" in str(info.value)
+        assert "data.path" in str(info.value) and "current directory" not in str(info.value)
+
+
+def test_a_missing_relative_path_names_the_directory_it_was_read_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"read from the current directory, {tmp_path}")):
+        iter_source("data/sample")
 
 
 def test_empty_folder_is_an_error(tmp_path):

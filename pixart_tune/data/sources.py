@@ -87,7 +87,7 @@ def iter_source(
     # Layout problems (missing path, unknown layout) are raised here, at call time, not at first next().
     kind = detect_source(text) if source == "auto" else source
     if kind in ("folder", "metadata") and not Path(text).is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {text}\n{LAYOUTS}")
+        raise _not_found("dataset folder", text)
     return _checked(text, kind, _reader(text, kind, image_column, caption_column, split), on_error, digest_memo)
 
 
@@ -119,6 +119,13 @@ def _checked(text: str, kind: str, items: Iterable[Example | Skipped], on_error:
         raise DataError(text, f"no samples found (read as '{kind}')", hint=LAYOUTS)
 
 
+def _not_found(what: str, text: str, tail: str = "") -> FileNotFoundError:
+    # A recipe's relative data.path is read from where the command runs, not from the recipe's folder.
+    where = "" if Path(text).is_absolute() else f" (a relative path: read from the current directory, {Path.cwd()})"
+    return FileNotFoundError(f"{what} not found: {text}{where}; set data.path to the dataset's folder, file or glob\n"
+                             f"{LAYOUTS}{tail}")  # fmt: skip
+
+
 def detect_source(path: str | os.PathLike) -> str:
     """Guess the layout at `path`: 'metadata', 'webdataset', 'hf' or 'folder' (see LAYOUTS)."""
     text = os.fspath(path)
@@ -126,9 +133,7 @@ def detect_source(path: str | os.PathLike) -> str:
     if not p.exists():
         if _has_glob(text) and glob.glob(text):
             return "webdataset"
-        raise FileNotFoundError(
-            f"dataset path not found: {text}\n{LAYOUTS}\nFor a Hugging Face Hub dataset id, set data.source=hf."
-        )
+        raise _not_found("dataset path", text, "\nFor a Hugging Face Hub dataset id, set data.source=hf.")
     if p.is_file():
         if _is_tar_name(p.name):
             return "webdataset"
