@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -228,8 +229,24 @@ def _training_errors() -> tuple[type[Exception], ...]:
             CaptionCleaningUnavailable, FileNotFoundError)  # fmt: skip
 
 
+class _NoCpu4bitKernelNotice(logging.Filter):
+    """bitsandbytes, imported by diffusers and peft, logs on CPUs with AVX512-BF16 that it cannot load
+    its 4-bit CPU GEMM from the `kernels` package: a warning about a kernel pixart_tune never runs
+    (it uses 8-bit T5 on GPUs only), and the first line of the CPU quickstart. Its other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
+def quiet_third_party_notices() -> None:
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _NoCpu4bitKernelNotice) for f in log.filters):
+        log.addFilter(_NoCpu4bitKernelNotice())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_third_party_notices()
     # User errors (missing files, unknown formats, missing alpha, bad sizes) end in one line, no
     # traceback; PIXART_TUNE_TRACEBACK=1 shows the traceback anyway.
     user_errors = (ValueError, OSError, ImportError) if getattr(args, "friendly", False) else _training_errors()

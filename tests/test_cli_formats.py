@@ -219,3 +219,29 @@ def test_the_installed_entry_point_reports_errors_the_same_way(tmp_path):
                         "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True, check=False)  # fmt: skip
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "missing" in r.stderr
+
+
+def test_the_cli_drops_bitsandbytes_cpu_kernel_notice_only():
+    """bitsandbytes' notice about its 4-bit CPU kernel (printed on import on AVX512-BF16 CPUs) is dropped
+    once the CLI has run; its other warnings still reach the handlers."""
+    import logging
+
+    from pixart_tune.cli import quiet_third_party_notices
+
+    seen = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    handler = Collect()
+    log.addHandler(handler)
+    try:
+        quiet_third_party_notices()
+        quiet_third_party_notices()  # twice (e.g. main() called twice in one process): one filter
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")
+        log.warning("another bitsandbytes warning")
+    finally:
+        log.removeHandler(handler)
+    assert seen == ["another bitsandbytes warning"] and len(log.filters) == 1
