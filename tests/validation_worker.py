@@ -31,6 +31,8 @@ def main(base: str, out: str) -> None:
     v = validation.make_validator(cfg, base, accelerator.device, main_process, sharded=True)
     torch.save({"embeds": v.embeds, "masks": v.masks, "t5_loads": len(loads)},
                Path(out) / f"rank{accelerator.process_index}.pt")  # fmt: skip
+    accelerator.wait_for_everyone()  # as the trainer ends: every process done before the group goes down
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
