@@ -376,8 +376,8 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
         print(f"trained {t.steps - start} steps in {elapsed:.0f} s ({samples / elapsed:.1f} samples/s{peak}); "
               f"last loss {step_loss:.4f}")  # fmt: skip
         print(f"wrote {what} to {final}; config {run_dir / 'config.yaml'}; metrics {run_dir / 'metrics.jsonl'}")
-    # end_training takes the process group down: no process before the main one has written its files
-    # (tests/checkpoint_worker.py's teardown: a rank that left first aborted once in gloo).
+    # end_training takes the process group down: every process waits until all are done, so that none
+    # tears its group down while another still works (tests/checkpoint_worker.py's teardown note).
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final

@@ -124,11 +124,13 @@ def main() -> None:
     run_sequence(args.out, args.optimizer, True, args.cross, args.kept_gathered)
     rank = dist.get_rank()
     print(f"rank {rank}: sequence done", flush=True)  # a failure after this line is in the teardown
-    # Rank 1 writes no files and used to reach its teardown first, while rank 0 was still writing. Once
-    # (CI, torch 2.13 CPU) rank 1 then aborted ("terminate called without an active exception"): a
-    # C++ thread of the gloo group destroyed while running. So: free the FSDP modules' cycles while the
-    # group is alive, let both ranks finish before either takes its group down, and skip the
-    # interpreter's finalization, which would tear down whatever C++ state is left in no set order.
+    # Once (CI, torch 2.13 CPU, not reproduced in 70 runs here) rank 1 aborted with "terminate called
+    # without an active exception" (a C++ thread destroyed while still running), at a point its output
+    # did not show. The likely place is the teardown: rank 1 writes no files, so it reached its teardown
+    # while rank 0 was still writing. So: free the FSDP modules' cycles while the group is alive, let
+    # both ranks finish before either takes its group down, and skip the interpreter's finalization,
+    # which would tear down whatever C++ state is left in no set order. The stage lines show where a
+    # failure happens if it comes back.
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
