@@ -43,8 +43,10 @@ def test_same_batches_in_order_with_the_position_of_each():
             batch, position = next(prefetcher)
             assert batch["mean"][:, 0, 0, 0].tolist() == [float(i) for i in indices]
             assert position == {"epoch": epoch, "batches_consumed": consumed}
-        time.sleep(0.1)  # the reader has run ahead by now ...
-        assert (prefetcher.sampler.epoch, prefetcher.sampler.batches_consumed) != (epoch, consumed)
+        deadline = time.monotonic() + 10  # the reader runs ahead (a loaded machine may take a while) ...
+        while (prefetcher.sampler.epoch, prefetcher.sampler.batches_consumed) == (epoch, consumed):
+            assert time.monotonic() < deadline, "the reader did not run ahead of the consumer"
+            time.sleep(0.01)
         resumed = BucketBatchSampler(data.buckets, 2, seed=3)  # ... but a resume from `position` is exact
         resumed.load_state_dict({**resumed.state_dict(), **position})
         after = BatchPrefetcher(data, resumed, "cpu")
