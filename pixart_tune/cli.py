@@ -231,8 +231,9 @@ def _training_errors() -> tuple[type[Exception], ...]:
 
 class _NoCpu4bitKernelNotice(logging.Filter):
     """bitsandbytes, imported by diffusers and peft, logs on CPUs with AVX512-BF16 that it cannot load
-    its 4-bit CPU GEMM from the `kernels` package: a warning about a kernel pixart_tune never runs
-    (it uses 8-bit T5 on GPUs only), and the first line of the CPU quickstart. Its other messages pass."""
+    its 4-bit CPU GEMM from the `kernels` package: the first line of the CPU quickstart, about a kernel
+    that only a 4-bit T5 on the CPU runs (load_text_encoder gives that advice itself, where it applies).
+    Its other messages pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
