@@ -67,6 +67,7 @@ def run_sequence(out: Path, optimizer_name: str = "adamw", fsdp: bool = False, c
     def say(stage: str) -> None:  # progress, so that a failing sharded run shows how far each rank got
         if fsdp:
             print(f"rank {dist.get_rank()}: {stage}", flush=True)
+
     cfg = SimpleNamespace(optimizer=optimizer_name, lr=0.05 if optimizer_name != "prodigy" else 1.0, weight_decay=0.01,
                           warmup_steps=2, steps=9, lr_scheduler="cosine")  # fmt: skip
 
