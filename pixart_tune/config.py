@@ -79,7 +79,7 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy"] = "adamw"
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "came", "prodigy"] = "adamw"
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = 1.0

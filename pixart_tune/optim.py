@@ -11,7 +11,7 @@ from .config import TrainConfig
 
 
 def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, device=None) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), 8-bit AdamW (bitsandbytes), Adafactor or Prodigy over fp32 params.
+    """AdamW (fused on CUDA), 8-bit AdamW (bitsandbytes), Adafactor, CAME or Prodigy over fp32 params.
 
     `device`: where the params will train. The trainer builds the optimizer before accelerate moves the
     model there, so the params' own device (the CPU, then) would pick torch's foreach AdamW, which
@@ -28,6 +28,14 @@ def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, device=None
 
         # External lr (no relative step): the recipe's lr and schedule mean the same as for AdamW.
         return Adafactor(params, lr=t.lr, weight_decay=t.weight_decay, scale_parameter=False, relative_step=False)
+    if t.optimizer == "came":
+        from came_pytorch import CAME
+
+        # PixArt-Sigma's optimizer: Adafactor's factored second moments (a row and a column per weight
+        # matrix instead of AdamW's full-size one) plus the paper's confidence term. Betas and eps are
+        # the paper's (Luo et al. 2023), as PixArt-Sigma's training configs set them (with lr 2e-5, no
+        # weight decay).
+        return CAME(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
     if t.optimizer == "prodigy":
         from prodigyopt import Prodigy
 

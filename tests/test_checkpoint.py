@@ -44,7 +44,7 @@ def _load(out: Path, name: str) -> dict[str, torch.Tensor]:
             **{f"ema.{k}": v for k, v in load_file(str(out / f"{name}-ema.safetensors")).items()}}  # fmt: skip
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor", "prodigy"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor", "came", "prodigy"])
 def test_resume_continues_exactly_for_every_optimizer(optimizer, tmp_path):
     _run(tmp_path, optimizer)
     assert_same_tensors(_load(tmp_path, "resumed"), _load(tmp_path, "straight"), atol=0)

@@ -176,7 +176,7 @@ def test_two_processes_match_one_with_the_same_global_batch(extra, tmp_path, cac
     assert diff < 1e-3, f"relative weight difference {diff:.2e}"
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor", "prodigy"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "adafactor", "came", "prodigy"])
 def test_each_optimizer_trains(optimizer, tmp_path, cache_dir):
     from pixart_tune import train
 
@@ -187,6 +187,25 @@ def test_each_optimizer_trains(optimizer, tmp_path, cache_dir):
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert max(v.abs().max() for v in lora_b) > 0, "B starts at zero: a step must move it"
+
+
+def test_came_keeps_a_row_and_a_column_per_weight_matrix():
+    """train.optimizer=came: PixArt-Sigma's settings, and second moments factored as the paper's (a
+    row and a column of statistics for a matrix, the full shape only for vectors)."""
+    from pixart_tune.config import load_config
+    from pixart_tune.optim import make_optimizer
+
+    t = load_config(None, ["train.optimizer=came", "train.lr=2e-5"]).train
+    layer = torch.nn.Linear(8, 4)
+    optimizer = make_optimizer(list(layer.parameters()), t)
+    assert optimizer.defaults["betas"] == (0.9, 0.999, 0.9999) and optimizer.defaults["eps"] == (1e-30, 1e-16)
+    before = layer.weight.detach().clone()
+    layer(torch.randn(3, 8)).square().sum().backward()
+    optimizer.step()
+    weight, bias = optimizer.state[layer.weight], optimizer.state[layer.bias]
+    assert weight["exp_avg_sq_row"].shape == (4,) and weight["exp_avg_sq_col"].shape == (8,)
+    assert "exp_avg_sq" not in weight and bias["exp_avg_sq"].shape == (4,)
+    assert not torch.equal(layer.weight, before)
 
 
 def test_adamw_is_fused_where_the_params_will_train():
