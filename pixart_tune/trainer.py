@@ -24,6 +24,7 @@ from .cache import build_cache
 from .checkpoint import full_state, is_sharded, load_checkpoint, resolve_resume, save_checkpoint, save_rng
 from .config import Config, load_config, save_config
 from .data.sampler import BucketBatchSampler
+from .data.sources import DataError
 from .features import CachedFeatures
 from .loss import LossFn, sample_generators
 from .models import DTYPES, load_transformer, resolve_base
@@ -240,7 +241,9 @@ def train(cfg: Config | str | Path, overrides: list[str] | dict | None = None, *
     if main:
         print(index.summary())
     if not index.records:
-        raise RuntimeError(f"no usable examples in {cfg.data.path}; see {index.cache_dir / 'skipped.jsonl'}")
+        raise DataError(cfg.data.path, f"no usable examples: all {len(index.skipped)} skipped",
+                        hint=f"Each file and its reason are in {index.cache_dir / 'skipped.jsonl'}; fix them, or set "
+                             "data.path to another dataset.")  # fmt: skip
     dataset = CachedFeatures(index)
     validator = None
     if cfg.validation.prompts:

@@ -221,6 +221,21 @@ def test_the_installed_entry_point_reports_errors_the_same_way(tmp_path):
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "missing" in r.stderr
 
 
+def test_a_dataset_with_nothing_usable_is_a_one_line_error(capsys, tmp_path, tiny_base):
+    """Every example skipped (here one unreadable image): the cache summary, then one line naming the
+    dataset and the report of reasons; no traceback."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_text("not an image")
+    (bad / "a.txt").write_text("a photo of a cat")
+    code, out, err = cli(capsys, "train", REPO / "recipes" / "tiny-lora.yaml", f"output_dir={tmp_path / 'run'}",
+                         f"data.path={bad}", f"model.base={tiny_base}", "train.log_with=none")  # fmt: skip
+    assert code == 1 and "0 used, 1 skipped" in out
+    last = err.rstrip("\n").split("\n")[-1]  # after the cache stage's progress bars
+    assert last.startswith(f"error: {bad}: no usable examples: all 1 skipped") and "Traceback" not in err
+    assert str(bad / ".pixart_tune_cache" / "skipped.jsonl") in last
+
+
 def test_the_cli_drops_bitsandbytes_cpu_kernel_notice_only():
     """bitsandbytes' notice about its 4-bit CPU kernel (printed on import on AVX512-BF16 CPUs) is dropped
     once the CLI has run; its other warnings still reach the handlers."""
