@@ -146,6 +146,16 @@ class ValidationConfig(_Section):
     height: int | None = None  # None = the model's default size (1024 for 1024-MS)
     width: int | None = None
 
+    @field_validator("height", "width")
+    @classmethod
+    def _whole_patches(cls, v: int | None) -> int | None:
+        # An explicit size is generated as is: the VAE divides it by 8 and the transformer's patches by 2.
+        if v is not None and (v < 16 or v % 16):
+            lower, upper = max(16, v // 16 * 16), (v + 15) // 16 * 16
+            raise ValueError(f"not a multiple of 16 (the VAE's factor 8 times the patch size 2); use "
+                             f"{lower if lower == upper else f'{lower} or {upper}'}")  # fmt: skip
+        return v
+
 
 class Config(_Section):
     output_dir: str = "runs/default"
@@ -265,6 +275,9 @@ def _describe(err: dict) -> str:
     if kind == "literal_error":
         allowed = err.get("ctx", {}).get("expected", "")
         return f"'{key}' must be one of {allowed}, got {got!r}"
+    if kind == "value_error":  # our validators' own words, without pydantic's "Value error, " in front
+        said = str(err.get("ctx", {}).get("error", err["msg"]))
+        return f"'{key}': {said}" + ("" if isinstance(got, dict) else f" (got {got!r})")  # a section: its keys are named
     return f"'{key}': {err['msg']} (got {got!r})"
 
 

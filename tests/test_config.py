@@ -34,6 +34,24 @@ def test_wrong_type_names_key_and_expected_type():
     assert "'train.steps' expects an integer, got 'abc'" in str(exc.value)
 
 
+def test_a_validation_size_must_be_whole_patches():
+    """An explicit validation size is generated as is: 16-pixel steps (VAE factor 8 x patch size 2), said
+    at load time rather than as a shape error after the training (the validation comes last)."""
+    assert load_config(None, ["validation.height=48", "validation.width=1024"]).validation.height == 48
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["validation.height=40", "validation.width=8"])
+    assert exc.value.problems == [
+        "'validation.height': not a multiple of 16 (the VAE's factor 8 times the patch size 2); use 32 or 48 (got 40)",
+        "'validation.width': not a multiple of 16 (the VAE's factor 8 times the patch size 2); use 16 (got 8)",
+    ]
+
+
+def test_a_sections_own_check_names_the_section_not_its_values():
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.fp8=true", "train.method=full"])
+    assert exc.value.problems == ["'train': fp8 is for LoRA runs (it quantises the frozen base weights); set train.fp8=false"]
+
+
 def test_all_problems_reported_at_once(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("modle:\n  base: x\ntrain:\n  steps: many\n  batch_size: 0\ndata:\n  on_error: ignore\n")
