@@ -169,9 +169,11 @@ class Config(_Section):
 
     @field_validator("output_dir")
     @classmethod
-    def _nonempty(cls, v: str) -> str:
+    def _a_folder(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
+        if Path(v).exists() and not Path(v).is_dir():
+            raise ValueError("is a file, not a folder: give the folder the run writes into (created if missing)")
         return v
 
     def dump(self) -> dict[str, Any]:

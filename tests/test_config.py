@@ -46,6 +46,14 @@ def test_a_validation_size_must_be_whole_patches():
     ]
 
 
+def test_output_dir_must_be_a_folder(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [f"output_dir={tmp_path / 'a-file'}"])
+    assert exc.value.problems[0].startswith("'output_dir': is a file, not a folder")
+    assert load_config(None, [f"output_dir={tmp_path / 'new' / 'run'}"]).output_dir.endswith("run")
+
+
 def test_a_sections_own_check_names_the_section_not_its_values():
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["train.fp8=true", "train.method=full"])
