@@ -286,6 +286,19 @@ def test_hf_dataset_dict_picks_split(tmp_path, hf_cache):
         list(iter_source(tmp_path / "dd"))
 
 
+def test_an_unreachable_hub_dataset_is_a_data_error(monkeypatch):
+    """A Hub id that cannot be loaded (offline here; or unknown, or private) names the id and the ways
+    out, as a DataError (the CLI's one-line errors), not datasets' ConnectionError traceback."""
+    import datasets
+
+    def offline(path, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"(?s)owner/photos: could not load it as a Hub dataset \(ConnectionError: .*HF_HUB_OFFLINE"):
+        list(iter_source("owner/photos", source="hf"))
+
+
 def test_hf_parquet_file_and_folder(tmp_path, hf_cache):
     write(tmp_path / "pq" / "README.md", "exported from the Hub")
     make_hf_dataset().to_parquet(str(tmp_path / "pq" / "part-0.parquet"))

@@ -61,7 +61,13 @@ def _load_hf(path: str, split: str):
         loaded = datasets.load_dataset("parquet", data_files={split: [str(f) for f in files]}, split=split)
         return loaded, p if p.is_dir() else p.parent
     # Not on disk: a Hub dataset id such as "user/my-photos" (downloaded into the HF cache).
-    return datasets.load_dataset(path, split=split), None
+    try:
+        return datasets.load_dataset(path, split=split), None
+    except (ConnectionError, FileNotFoundError) as exc:  # offline, no such dataset, or no access to it
+        raise DataError(path, f"could not load it as a Hub dataset ({type(exc).__name__}: {exc})",
+                        hint="Check the id, the network and your login (hf auth login); HF_HUB_OFFLINE=1 reads only "
+                             "datasets already in the local cache. Or set data.path to a local save_to_disk folder or "
+                             "parquet file(s).") from exc  # fmt: skip
 
 
 def _undecoded_images(dataset, image_column: str):
