@@ -107,7 +107,7 @@ def load_text_encoder(base: str, dtype: torch.dtype = torch.float32, quantizatio
 
         narrow = _linears_off_the_4bit_blocks(base, revision)  # none in T5-XXL: transformers' own choice stays
         if not torch.cuda.is_available() and importlib.util.find_spec("kernels") is None:
-            # bitsandbytes says so at import, but the CLI drops that notice where no 4-bit GEMM runs on the CPU
+            # bitsandbytes logs this at import on some CPUs; the CLI drops that notice (it showed on every CPU run)
             warnings.warn("4-bit T5 on the CPU: bitsandbytes' 4-bit GEMM is faster with the `kernels` package "
                           "(pip install kernels); it runs without it", stacklevel=2)  # fmt: skip
         kwargs["quantization_config"] = BitsAndBytesConfig(

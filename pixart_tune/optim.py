@@ -33,9 +33,8 @@ def make_optimizer(params: list[torch.nn.Parameter], t: TrainConfig, device=None
 
         # PixArt-Sigma's optimizer: Adafactor's factored second moments (a row and a column per weight
         # matrix instead of AdamW's full-size one; the first moment stays full size, so half of AdamW's
-        # state) plus the paper's confidence term. Betas and eps are
-        # the paper's (Luo et al. 2023), as PixArt-Sigma's training configs set them (with lr 2e-5, no
-        # weight decay).
+        # state) plus the paper's confidence term. Betas and eps are the paper's (Luo et al. 2023), as
+        # PixArt-Sigma's training configs set them (with lr 2e-5, no weight decay).
         return CAME(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
     if t.optimizer == "prodigy":
         from prodigyopt import Prodigy
