@@ -152,7 +152,7 @@ class ValidationConfig(_Section):
         # An explicit size is generated as is: the VAE divides it by 8 and the transformer's patches by 2.
         if v is not None and (v < 16 or v % 16):
             lower, upper = max(16, v // 16 * 16), max(16, (v + 15) // 16 * 16)
-            raise ValueError(f"not a multiple of 16 (the VAE's factor 8 times the patch size 2); use "
+            raise ValueError(f"must be a multiple of 16, at least 16 (the VAE's factor 8 times the patch size 2); use "
                              f"{lower if lower == upper else f'{lower} or {upper}'}")  # fmt: skip
         return v
 

@@ -41,8 +41,8 @@ def test_a_validation_size_must_be_whole_patches():
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["validation.height=40", "validation.width=8"])
     assert exc.value.problems == [
-        "'validation.height': not a multiple of 16 (the VAE's factor 8 times the patch size 2); use 32 or 48 (got 40)",
-        "'validation.width': not a multiple of 16 (the VAE's factor 8 times the patch size 2); use 16 (got 8)",
+        "'validation.height': must be a multiple of 16, at least 16 (the VAE's factor 8 times the patch size 2); use 32 or 48 (got 40)",
+        "'validation.width': must be a multiple of 16, at least 16 (the VAE's factor 8 times the patch size 2); use 16 (got 8)",
     ]
 
 
