@@ -137,6 +137,13 @@ def _joined_operands(x2: Tensor, weight: Tensor, a: Tensor, b: Tensor) -> tuple[
     return xw, ww
 
 
+def _joined_parts(xw: Tensor, weight: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """x (M, K) and x A^T (M, r) back out of _joined_operands' xw = [x | x A^T | 0], as views (the
+    backward keeps xw rather than both)."""
+    k, r = weight.shape[1], a.shape[0]
+    return xw[:, :k], xw[:, k : k + r]
+
+
 class _LoraGeluFeedForward(torch.autograd.Function):
     """The feed-forward with a LoRA on both linears (frozen weights and biases): the up-projection's
     adapter term rides in the GELU kernel's reduction; the input gradients, through the GELU and
@@ -173,8 +180,7 @@ class _LoraGeluFeedForward(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         xw, h, u2, w1, a1, bb1, w2, a2, bb2 = ctx.saved_tensors
         (s1, s2), dtype = ctx.scalings, ctx.dtype
-        c = w1.shape[1]
-        x2, u1 = xw[:, :c], xw[:, c : c + a1.shape[0]]  # (M, C), (M, r): views
+        x2, u1 = _joined_parts(xw, w1, a1)  # (M, C), (M, r)
         need = ctx.needs_input_grad  # x, w1, b1, a1, bb1, w2, b2, a2, bb2, s1, s2
         if need[1] or need[2] or need[5] or need[6]:
             raise RuntimeError("the LoRA feed-forward keeps its base weights and biases frozen")
@@ -228,8 +234,7 @@ class _JoinedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         xw, weight, lora_a, lora_b = ctx.saved_tensors
-        k, r = weight.shape[1], lora_a.shape[0]
-        x2, h = xw[:, :k], xw[:, k : k + r]  # (M, K), (M, r): views of [x | x A^T]
+        x2, h = _joined_parts(xw, weight, lora_a)  # (M, K), (M, r)
         dx, grad_bias, grad_a, grad_b = lora_linear_backward(ctx, _flat(dy, ctx.dtype), x2, h, weight, lora_a, lora_b)
         return dx, None, grad_bias, grad_a, grad_b, None, None
 
