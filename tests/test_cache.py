@@ -7,6 +7,7 @@ see what really reached the models, not what the cache says it did.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import shutil
 from collections import Counter
@@ -332,6 +333,8 @@ def test_on_error_error_stops_at_the_bad_file_with_its_reason(tmp_path, tiny_bas
     cfg = config(data, tmp_path / "cache", tiny_base, on_error="error")
     with pytest.raises(DataError) as err:
         build(cfg, tiny_base, calls)
+    # The decode workers stopped with the build, though err's traceback keeps the build's frames alive
+    assert cfg.data.num_workers > 0 and multiprocessing.active_children() == []
     assert err.value.origin.endswith("broken.jpg")
     assert "not an image file" in err.value.reason or "corrupt" in err.value.reason
     # And the next build says so before encoding anything.

@@ -210,32 +210,37 @@ def _encode_latents(cfg, base, device, jobs, root, scan, counts, timings, show_p
     bar = tqdm(total=sum(n_outputs.values()), desc="encoding latents", unit="img", disable=not show_progress)
 
     results = iter(loader)  # workers start here, before the writer thread exists
-    with BackgroundWriter() as writer:
+    try:
+        with BackgroundWriter() as writer:
 
-        def on_batch(bucket: str, metas: list, out: torch.Tensor) -> None:
-            for key, meta in metas:
-                meta["bucket"] = bucket
-                scan.known[key] = meta
-            writer.submit(_write_latents, root, metas, out)
-            bar.update(len(metas))
+            def on_batch(bucket: str, metas: list, out: torch.Tensor) -> None:
+                for key, meta in metas:
+                    meta["bucket"] = bucket
+                    scan.known[key] = meta
+                writer.submit(_write_latents, root, metas, out)
+                bar.update(len(metas))
 
-        encoder = LatentEncoder(vae, device, d.encode_batch_size, on_batch)
-        for res in results:
-            if res["reason"] is not None:
-                scan.rejected[res["digest"]] = res["reason"]
-                if res["lasting"]:
-                    path = shard(root, "rejected", keys_rejected(res["digest"]), ".json")
-                    store.write_json(path, {"reason": res["reason"], "origin": res["origin"]})
-                if d.on_error == "error":
-                    raise DataError(res["origin"], res["reason"])
-                bar.total -= n_outputs[res["digest"]]
-                continue
-            for key, pixels, meta in res["items"]:
-                encoder.add(res["bucket"], key, pixels, meta)
-        encoder.flush()
+            encoder = LatentEncoder(vae, device, d.encode_batch_size, on_batch)
+            for res in results:
+                if res["reason"] is not None:
+                    scan.rejected[res["digest"]] = res["reason"]
+                    if res["lasting"]:
+                        path = shard(root, "rejected", keys_rejected(res["digest"]), ".json")
+                        store.write_json(path, {"reason": res["reason"], "origin": res["origin"]})
+                    if d.on_error == "error":
+                        raise DataError(res["origin"], res["reason"])
+                    bar.total -= n_outputs[res["digest"]]
+                    continue
+                for key, pixels, meta in res["items"]:
+                    encoder.add(res["bucket"], key, pixels, meta)
+            encoder.flush()
+    finally:
+        # Stop the decode workers now. On an error the traceback keeps this frame, and with it the
+        # iterator, alive; its workers, shut down whenever that is collected, took 5 s each to join there.
+        del results
     bar.close()
     counts["encoded_latents"] += encoder.encoded
-    del vae, encoder, loader, results
+    del vae, encoder, loader
     free_device_memory(device)
     timings["latents"] = time.perf_counter() - t
 
