@@ -5,62 +5,60 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
-def test_bench_smoke(tmp_path, tiny_home):
-    out = tmp_path / "bench.json"
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, tiny_home):
+    """One --smoke run of every section the tests below look at (an interpreter start and a tiny kit
+    each would cost more than the rows): the main rows, the baselines, inference, the LoRA rows around
+    the cache stage, every training row tracing its second step (--trace 1:1)."""
+    work = tmp_path_factory.mktemp("bench")
+    out = work / "bench.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke", "--steps", "2", "--only", "lora", "fp8", "full",
-         "baselines", "inference", "--work", str(tmp_path), "--out", str(out)],
+         "baselines", "inference", "cache_effect", "--trace", "1:1", "--work", str(work), "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert "errors" not in data, data.get("errors")
+    return work, data, result.stdout
+
+
+def test_bench_smoke(smoke):
+    _, data, stdout = smoke
     for key in ("lora", "lora_fp8", "full", "ref_recipe", "plain_cached_lora", "plain_full"):
         assert data[key]["samples_per_s"] > 0, key
     assert data["inference"]["ours_s"] > 0 and data["inference"]["diffusers_peft_s"] > 0
-    assert "gpu_state" in data["lora"] and "SM MHz" in result.stdout  # the card's clock beside each rate
+    assert "gpu_state" in data["lora"] and "SM MHz" in stdout  # the card's clock beside each rate
     intervals = data["lora"]["intervals"]  # the steady logged intervals, each with its own rate
     assert [i["to_step"] for i in intervals] == [2] and intervals[0]["samples_per_s"] == data["lora"]["samples_per_s"]
     if shutil.which("nvidia-smi") is None:
         assert data["lora"]["gpu_state"] is None  # no card to ask: the row still runs
-    assert "ours: LoRA r16 attn+ff" in result.stdout and "(a) reference recipe" in result.stdout
-    assert "torch " in result.stdout and "diffusers " in result.stdout  # versions are part of the table
+    assert "ours: LoRA r16 attn+ff" in stdout and "(a) reference recipe" in stdout
+    assert "torch " in stdout and "diffusers " in stdout  # versions are part of the table
 
 
-def test_bench_smoke_runs_lora_rows_around_the_cache_stage(tmp_path, tiny_home):
+def test_bench_smoke_runs_lora_rows_around_the_cache_stage(smoke):
     """--only cache_effect: a LoRA row before the cache stage, one right after it and one after the idle
     (no wait under --smoke), in one process, each with its gpu_state."""
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke", "--steps", "2", "--only", "cache_effect",
-         "--work", str(tmp_path), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.read_text())
-    assert "errors" not in data, data.get("errors")
+    _, data, stdout = smoke
     rows = ("lora_before_cache", "lora_after_cache", "lora_after_idle")
     assert all(data[k]["samples_per_s"] > 0 and "gpu_state" in data[k] for k in rows)
     assert data["cache_between"]["cache_images_per_s"] > 0 and "cache" not in data
-    assert "ours: LoRA, right after it" in result.stdout
+    assert "ours: LoRA, right after it" in stdout
 
 
-def test_bench_smoke_traces_a_rows_steps(tmp_path, tiny_home):
-    """--trace on one process: the trained row's steps are traced (step_profile.py) and summarised."""
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), "--smoke", "--steps", "4", "--only", "lora",
-         "--trace", "1:2", "--work", str(tmp_path), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    trace = json.loads(out.read_text())["lora"]["trace"]
-    assert (tmp_path / "lora" / "profile" / "rank0.json").is_file()
-    assert trace["host_step_ms"] > 0 and trace["nccl_kernels_ms"] == 0
-    assert set(trace) == {"host_step_ms", "gpu_busy_ms", "nccl_kernels_ms", "host_sync_wait_ms", "gpu_idle"}
+def test_bench_smoke_traces_a_rows_steps(smoke):
+    """--trace on one process: each trained row's steps are traced (step_profile.py) and summarised."""
+    work, data, _ = smoke
+    assert (work / "lora" / "profile" / "rank0.json").is_file()
+    for key in ("lora", "full", "lora_after_cache"):
+        trace = data[key]["trace"]
+        assert trace["host_step_ms"] > 0 and trace["nccl_kernels_ms"] == 0, key
+        assert set(trace) == {"host_step_ms", "gpu_busy_ms", "nccl_kernels_ms", "host_sync_wait_ms", "gpu_idle"}
 
 
 def _bench():

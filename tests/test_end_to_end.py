@@ -130,11 +130,15 @@ def test_generate_cli_size_seed_and_adapter(trained, tmp_path, capsys, monkeypat
     assert (out["a"] - out["base"]).abs().mean() > 0.5, "the adapter changes the image"
 
 
-def test_cli_rejects_bad_keys(tmp_path):
+def test_cli_rejects_bad_keys(tmp_path, capsys):
+    """The first case through the real entry point, the second through cli.main in-process (same code)."""
+    from pixart_tune.cli import main
+
     r = _cli("train", str(RECIPE), "train.lerning_rate=1", f"output_dir={tmp_path}")
     assert r.returncode != 0
     assert "train.lerning_rate" in r.stderr and "train.lr" in r.stderr
-    r = _cli("train", str(RECIPE), "train.steps=abc", f"output_dir={tmp_path}")
-    assert r.returncode != 0
-    assert "train.steps" in r.stderr and "integer" in r.stderr
+    capsys.readouterr()
+    assert main(["train", str(RECIPE), "train.steps=abc", f"output_dir={tmp_path}"]) != 0
+    stderr = capsys.readouterr().err
+    assert "train.steps" in stderr and "integer" in stderr
     assert not (tmp_path / "final").exists()
