@@ -235,8 +235,8 @@ def _encode_latents(cfg, base, device, jobs, root, scan, counts, timings, show_p
                     encoder.add(res["bucket"], key, pixels, meta)
             encoder.flush()
     finally:
-        # Stop the decode workers now. On an error the traceback keeps this frame, and with it the
-        # iterator, alive; its workers, shut down whenever that is collected, took 5 s each to join there.
+        # Stop the decode workers here, error or not. After an error the traceback keeps this frame, and
+        # so the iterator, alive; its workers were then joined whenever it was collected, 5 s each.
         del results
     bar.close()
     counts["encoded_latents"] += encoder.encoded
