@@ -371,8 +371,9 @@ def run_sections(args, work: Path) -> dict:
         ours("full_fa4_cublas", base, data, res, [*fa4, *FULL, "train.quack_gemms=false"])
         ours("full_fa4_2", base, data, res, [*fa4, *FULL])
     if "cache_effect" in want:  # a LoRA row before and after the cache stage in one process, then after a minute idle
-        # The LoRA row that followed the cache stage ran 8% slower on two H100s, not explained
-        # (scripts/results/2026-11-27-h100-lora-after-cache-stage.json); each row's gpu_state shows the clock.
+        # The LoRA row that followed the cache stage ran 8% slower on two H100s, unexplained
+        # (scripts/results/2026-11-27-h100-lora-after-cache-stage.json), and within 1% on a third
+        # (2026-11-27-h100-s-cache-effect.json); each row's gpu_state shows the clock.
         extra = fast if smoke or fa4_missing else fa4
         ours("lora_before_cache", base, data, res, extra)
         cache_stage("cache_between")
